@@ -1,0 +1,147 @@
+"""The ``gateway`` command.
+
+::
+
+    gateway serve [--host H] [--port P] [--workers N]
+    gateway model build [--out DIR] [--seed N] [--impressions N] ...
+    gateway triton-local [--model-repository DIR] [--http-port P] [--grpc-port P] [--metrics-port P]
+    gateway features load --redis-url URL [--users N] [--items N] [--seed N]
+
+Every expected failure (a bad flag value, a missing file, an unreachable server, a
+taken port) prints one ``error: ...`` line and exits 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.errors import GatewayError
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return value
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.server import serve
+
+    return serve(host=args.host, port=args.port, workers=args.workers)
+
+
+def _cmd_model_build(args: argparse.Namespace) -> int:
+    from gateway.modelbuild import BuildConfig, build
+
+    build(
+        BuildConfig(
+            out=Path(args.out),
+            seed=args.seed,
+            users=args.users,
+            items=args.items,
+            impressions=args.impressions,
+            epochs=args.epochs,
+        )
+    )
+    return 0
+
+
+def _cmd_triton_local(args: argparse.Namespace) -> int:
+    from gateway.paths import default_model_repository
+    from gateway.triton_local.server import Ports, run
+
+    repo = Path(args.model_repository) if args.model_repository else default_model_repository()
+    return run(
+        repo,
+        Ports(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port),
+        host=args.host,
+        log_verbose=args.log_verbose,
+    )
+
+
+def _cmd_features_load(args: argparse.Namespace) -> int:
+    from gateway.features.loader import load
+
+    load(
+        redis_url=args.redis_url,
+        users=args.users,
+        items=args.items,
+        seed=args.seed,
+        chunk=args.chunk,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP gateway (embedded backends unless configured)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=8080)
+    p.add_argument("--workers", type=_positive, default=1)
+    p.set_defaults(func=_cmd_serve)
+
+    model = sub.add_parser("model", help="model commands").add_subparsers(
+        dest="model_command", required=True
+    )
+    p = model.add_parser("build", help="train, export ONNX FP32, quantize INT8, write the report")
+    p.add_argument("--out", default="model_repository", help="model repository to write into")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--users", type=_positive, default=10_000)
+    p.add_argument("--items", type=_positive, default=5_000)
+    p.add_argument("--impressions", type=_positive, default=250_000)
+    p.add_argument("--epochs", type=_positive, default=4)
+    p.set_defaults(func=_cmd_model_build)
+
+    p = sub.add_parser("triton-local", help="run the real Triton server on CPU, in the foreground")
+    p.add_argument("--model-repository", default=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--http-port", type=_port, default=8000)
+    p.add_argument("--grpc-port", type=_port, default=8001)
+    p.add_argument("--metrics-port", type=_port, default=8002)
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.set_defaults(func=_cmd_triton_local)
+
+    features = sub.add_parser("features", help="feature store commands").add_subparsers(
+        dest="features_command", required=True
+    )
+    p = features.add_parser("load", help="write generated user and item features into Redis")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--users", type=_positive, default=10_000)
+    p.add_argument("--items", type=_positive, default=5_000)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--chunk", type=_positive, default=2_000, help="keys per pipelined write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_features_load)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
