@@ -84,7 +84,7 @@ class FeatureStoreError(DependencyError):
 
 
 class FeatureStoreTimeout(FeatureStoreError):
-    reason = "timeout"
+    """Redis did not answer inside the features budget (still ``features_unavailable``)."""
 
 
 class FeatureStoreUnavailable(FeatureStoreError):

@@ -196,7 +196,11 @@ def to_onnx(mlp: Mlp, path: Path) -> None:
     graph = helper.make_graph(
         nodes,
         "ctr_mlp",
-        [helper.make_tensor_value_info(SCHEMA.input_name, TensorProto.FLOAT, ["batch", SCHEMA.input_width])],
+        [
+            helper.make_tensor_value_info(
+                SCHEMA.input_name, TensorProto.FLOAT, ["batch", SCHEMA.input_width]
+            )
+        ],
         [helper.make_tensor_value_info(SCHEMA.output_name, TensorProto.FLOAT, ["batch", 1])],
         inits,
     )
@@ -291,7 +295,9 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     """Rebuild every model file and the report under ``cfg.out``; return the report."""
     t_start = time.perf_counter()
     out = cfg.out
-    _log(f"generating {cfg.users} users, {cfg.items} items, {cfg.impressions} impressions (seed {cfg.seed})")
+    _log(
+        f"generating {cfg.users} users, {cfg.items} items, {cfg.impressions} impressions (seed {cfg.seed})"
+    )
     world = make_world(cfg.users, cfg.items, cfg.seed)
     imps = make_impressions(world, cfg.impressions)
     train, held = split(imps, cfg.seed)

@@ -13,8 +13,10 @@ def default_model_repository() -> Path:
     env = os.environ.get("GATEWAY_MODEL_REPOSITORY")
     if env:
         return Path(env)
-    for candidate in (Path.cwd() / "model_repository",
-                      Path(__file__).resolve().parents[2] / "model_repository"):
+    for candidate in (
+        Path.cwd() / "model_repository",
+        Path(__file__).resolve().parents[2] / "model_repository",
+    ):
         if candidate.is_dir():
             return candidate
     raise ModelRepositoryError(

@@ -131,8 +131,9 @@ def make_world(n_users: int = 10_000, n_items: int = 5_000, seed: int = 7) -> Wo
     )
 
 
-def click_logit(world: World, imp_user: np.ndarray, imp_item: np.ndarray,
-                hour: np.ndarray, device: np.ndarray) -> np.ndarray:
+def click_logit(
+    world: World, imp_user: np.ndarray, imp_item: np.ndarray, hour: np.ndarray, device: np.ndarray
+) -> np.ndarray:
     """The true click logit without noise (what a perfect model would learn)."""
     affinity = np.einsum("ij,ij->i", world.user_emb[imp_user], world.item_emb[imp_item])
     return (

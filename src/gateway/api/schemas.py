@@ -1,0 +1,149 @@
+"""Request and response bodies (pydantic), and request parsing."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
+
+from gateway.errors import InvalidRequest
+from gateway.pipeline import PredictInput
+from gateway.schema import DEVICES
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Device = Literal[DEVICES]  # type: ignore[valid-type]
+
+
+class Context(BaseModel):
+    """Request-time features the schema declares; any other key is a 422."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hour: int | None = Field(None, ge=0, le=23, strict=True, description="hour of day, 0-23")
+    device: Device | None = Field(None, description="one of " + ", ".join(DEVICES))
+
+
+class PredictRequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
+    item_ids: list[Id]
+    context: Context | None = None
+    request_id: Id | None = None
+
+
+@lru_cache(maxsize=8)
+def request_model(max_items: int) -> type[PredictRequestBase]:
+    """The request body model with the configured item cap (in the OpenAPI schema too)."""
+    return create_model(  # type: ignore[no-any-return, call-overload]
+        "PredictRequest",
+        __base__=PredictRequestBase,
+        item_ids=(Annotated[list[Id], Field(min_length=1, max_length=max_items)], ...),
+    )
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+
+
+class Fallback(BaseModel):
+    reason: Literal["timeout", "circuit_open", "inference_error", "features_unavailable"]
+    stage: Literal["features", "inference"]
+
+
+class Missing(BaseModel):
+    user: bool
+    items: int
+
+
+class Timings(BaseModel):
+    features: float
+    inference: float
+    postprocess: float
+    total: float
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    model: ModelInfo
+    scores: list[ScoredItem]
+    fallback: Fallback | None
+    missing: Missing
+    timings_ms: Timings
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    message: str
+    detail: list[ErrorDetail] = []
+
+
+def _loc(err: Any) -> str:
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    return ".".join(loc) or "body"
+
+
+def parse_predict(body: bytes, max_items: int) -> PredictInput:
+    """Validate a JSON body; raise InvalidRequest naming each bad field and why."""
+    model = request_model(max_items)
+    try:
+        req = model.model_validate_json(body)
+    except ValidationError as exc:
+        detail = []
+        for err in exc.errors(include_url=False):
+            if err["type"] == "json_invalid":
+                detail.append({"field": "body", "message": f"invalid JSON: {err['msg']}"})
+            else:
+                detail.append({"field": _loc(err), "message": err["msg"]})
+        first = detail[0]
+        raise InvalidRequest(
+            f"{first['field']}: {first['message']}"
+            + (f" (and {len(detail) - 1} more)" if len(detail) > 1 else ""),
+            detail,
+        ) from None
+    ctx = None
+    if req.context is not None:
+        ctx = {
+            k: v
+            for k, v in (("hour", req.context.hour), ("device", req.context.device))
+            if v is not None
+        }
+    return PredictInput(
+        request_id=req.request_id or uuid.uuid4().hex,
+        user_id=req.user_id,
+        item_ids=req.item_ids,
+        context=ctx,
+    )
+
+
+def parse_timeout_header(value: str | None) -> float | None:
+    """``X-Request-Timeout-Ms``: a positive finite number of milliseconds, or absent."""
+    if value is None:
+        return None
+    try:
+        ms = float(value.strip())
+    except ValueError:
+        raise InvalidRequest(
+            f"X-Request-Timeout-Ms: {value!r} is not a number of milliseconds",
+            [{"field": "header.X-Request-Timeout-Ms", "message": "must be a number"}],
+        ) from None
+    if not math.isfinite(ms) or ms <= 0:
+        raise InvalidRequest(
+            f"X-Request-Timeout-Ms: {value!r} must be a positive, finite number of milliseconds",
+            [{"field": "header.X-Request-Timeout-Ms", "message": "must be > 0 and finite"}],
+        )
+    return ms

@@ -1,0 +1,131 @@
+"""Typed settings from ``GATEWAY_*`` environment variables (pydantic-settings).
+
+Built by the app factory or the CLI and passed in; nothing reads the environment at
+import time. Every timeout and retry is explicit here: a library default is a
+decision nobody made (redis-py's 5 s socket timeout and 10 retries would blow any
+millisecond budget).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """All gateway settings. Unset ``redis_url`` and ``triton_url`` mean the embedded default."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", frozen=True)
+
+    # -- backends ----------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="redis:// URL; unset = in-memory store")
+    redis_cluster: bool = Field(False, description="treat redis_url as a Redis Cluster node")
+    triton_url: str | None = Field(
+        None,
+        description="Triton gRPC target: host:port, a comma list of host:port for client-side "
+        "round robin, or dns:///name:port; unset = in-process onnxruntime",
+    )
+    model_name: str = Field("ctr", min_length=1)
+    model_version: str = Field("", description="Triton model version; empty = latest")
+    model_repository: Path | None = Field(None, description="for the embedded backend")
+
+    # -- request limits ----------------------------------------------------------------
+    max_items: int = Field(500, ge=1, le=10_000)
+    # 500 ids of up to 128 characters (4 bytes each in UTF-8) plus JSON overhead.
+    max_body_bytes: int = Field(300_000, ge=1_024)
+
+    # -- budgets (milliseconds) --------------------------------------------------------
+    budget_total_ms: float = Field(50.0, gt=0)
+    budget_features_ms: float = Field(15.0, gt=0)
+    budget_inference_ms: float = Field(30.0, gt=0)
+    budget_postprocess_ms: float = Field(5.0, gt=0)
+
+    # -- Redis client (explicit, not redis-py's defaults) ------------------------------
+    redis_connect_timeout_ms: float = Field(50.0, gt=0)
+    # Backstop only: each call already runs under the features stage's asyncio timeout.
+    redis_socket_timeout_ms: float = Field(100.0, gt=0)
+    redis_max_connections: int = Field(64, ge=1)
+
+    # -- retries (one layer: ours; redis-py's own retries are off) -----------------------
+    retry_max_attempts: int = Field(2, ge=1, le=5, description="attempts per stage, first included")
+    retry_backoff_base_ms: float = Field(1.0, ge=0)
+    retry_backoff_max_ms: float = Field(5.0, ge=0)
+    # Finagle's RetryBudget defaults: 10 s window, a floor of retries per second, and a
+    # share of requests that may be retried on top of it.
+    retry_budget_ratio: float = Field(0.1, ge=0, le=1)
+    retry_budget_min_per_s: float = Field(1.0, ge=0)
+    retry_budget_window_s: float = Field(10.0, gt=0)
+
+    # -- circuit breakers ----------------------------------------------------------------
+    breaker_fail_max: int = Field(5, ge=1, description="consecutive failures that open it")
+    breaker_reset_timeout_s: float = Field(2.0, gt=0)
+    breaker_success_threshold: int = Field(1, ge=1)
+
+    # -- admission control -------------------------------------------------------------
+    max_inflight: int = Field(256, ge=1, description="requests in flight per worker before 503")
+
+    # -- embedded default ----------------------------------------------------------------
+    embedded_users: int = Field(10_000, ge=1)
+    embedded_items: int = Field(5_000, ge=1)
+    embedded_seed: int = 7
+
+    log_level: str = Field("INFO")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        scheme = urlparse(v).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {v!r}")
+        return v
+
+    @field_validator("triton_url")
+    @classmethod
+    def _triton_url(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        if "://" in v and not v.startswith(("dns:", "ipv4:", "ipv6:")):
+            raise ValueError(f"must be host:port (gRPC), not a URL with a scheme, got {v!r}")
+        if ":" not in v:
+            raise ValueError(f"must be host:port, got {v!r}")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return v
+
+    @model_validator(mode="after")
+    def _backoff(self) -> Settings:
+        if self.retry_backoff_max_ms < self.retry_backoff_base_ms:
+            raise ValueError(
+                "GATEWAY_RETRY_BACKOFF_MAX_MS must be >= GATEWAY_RETRY_BACKOFF_BASE_MS"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url is None and self.triton_url is None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment (and overrides); one clear line per bad value."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            name = f"GATEWAY_{field.upper()}" if field else "settings"
+            lines.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(lines)) from None

@@ -1,0 +1,1 @@
+"""Feature stores: the in-memory one (embedded default) and Redis (production)."""

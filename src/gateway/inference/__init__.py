@@ -1,0 +1,1 @@
+"""Inference backends: Triton over gRPC (production), onnxruntime in process (embedded)."""
