@@ -296,7 +296,8 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = cfg.out
     _log(
-        f"generating {cfg.users} users, {cfg.items} items, {cfg.impressions} impressions (seed {cfg.seed})"
+        f"generating {cfg.users} users, {cfg.items} items, "
+        f"{cfg.impressions} impressions (seed {cfg.seed})"
     )
     world = make_world(cfg.users, cfg.items, cfg.seed)
     imps = make_impressions(world, cfg.impressions)

@@ -54,7 +54,8 @@ def _pytriton_root() -> Path:
         import pytriton
     except ImportError as exc:
         raise ConfigError(
-            "the local Triton needs the nvidia-pytriton wheel: pip install 'inference-gateway[triton]'"
+            "the local Triton needs the nvidia-pytriton wheel: "
+            "pip install 'inference-gateway[triton]'"
         ) from exc
     return Path(pytriton.__file__).parent
 

@@ -1,0 +1,52 @@
+"""Shared fixtures: real redis-server, the local Triton, and gateway processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from gateway.features.loader import load
+from tests.procs import GatewayServer, RedisServer, TritonServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A session-wide redis-server with the default generated features loaded."""
+    server = RedisServer().start()
+    load(server.url, progress=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    """An empty redis-server of the test's own (for tests that pause, kill or corrupt it)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """A session-wide local Triton over the committed model repository."""
+    log = tmp_path_factory.mktemp("triton") / "triton.log"
+    server = TritonServer(log_path=log).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path) -> Iterator[Callable[..., GatewayServer]]:
+    """Start ``gateway serve`` processes with a given environment; all stopped at teardown."""
+    started: list[GatewayServer] = []
+
+    def start(env: dict[str, str] | None = None, workers: int = 1, ready: bool = False) -> GatewayServer:
+        gw = GatewayServer(env=dict(env or {}), workers=workers,
+                           log_path=tmp_path / f"gateway-{len(started)}.log")
+        started.append(gw)
+        return gw.start(ready=ready)
+
+    yield start
+    for gw in started:
+        gw.stop()
