@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "model_repository"
@@ -29,7 +30,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, status: int = 200) -> None:
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen | None = None, status: int = 200
+) -> None:
     """Poll ``url`` until it answers ``status``; fail early if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -49,6 +52,40 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, st
     raise TimeoutError(f"{url} not answering {status} after {timeout} s (last: {last})")
 
 
+class _LogMixin:
+    log_path: Path | None
+    _log: Any
+
+    def _open_log(self) -> Any:
+        _close_log(self)
+        if self.log_path is None:
+            return subprocess.DEVNULL
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        return self._log
+
+
+def _close_log(server: Any) -> None:
+    if getattr(server, "_log", None) is not None:
+        server._log.close()
+        server._log = None
+
+
+def _stop(server: Any, sig: int, timeout: float) -> int | None:
+    """Signal the process, wait, SIGKILL if it overstays; close its log."""
+    proc = server.proc
+    try:
+        if proc and proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                return int(proc.wait(timeout))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return int(proc.wait())
+        return proc.returncode if proc else None
+    finally:
+        _close_log(server)
+
+
 @dataclass
 class RedisServer:
     """A redis-server on a free port, nothing on disk."""
@@ -64,9 +101,22 @@ class RedisServer:
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no", *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                *self.extra_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -86,7 +136,7 @@ class RedisServer:
 
 
 @dataclass
-class TritonServer:
+class TritonServer(_LogMixin):
     """``gateway triton-local`` on free ports."""
 
     repo: Path = MODEL_REPOSITORY
@@ -95,6 +145,7 @@ class TritonServer:
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    _log: Any = None
 
     @property
     def grpc_url(self) -> str:
@@ -109,25 +160,31 @@ class TritonServer:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 60) -> TritonServer:
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        log = self._open_log()
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "gateway", "triton-local", "--model-repository", str(self.repo),
-             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-             "--metrics-port", str(self.metrics_port)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            [
+                PYTHON,
+                "-m",
+                "gateway",
+                "triton-local",
+                "--model-repository",
+                str(self.repo),
+                "--http-port",
+                str(self.http_port),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--metrics-port",
+                str(self.metrics_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         wait_http(f"http://{self.http_url}/v2/health/ready", timeout, self.proc)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                return self.proc.wait()
-        return self.proc.returncode if self.proc else None
+        return _stop(self, sig, timeout)
 
     def kill_tree(self) -> None:
         """SIGKILL the launcher and the tritonserver it started (a crash, not a stop)."""
@@ -136,10 +193,11 @@ class TritonServer:
         subprocess.run(["pkill", "-KILL", "-f", f"--grpc-port={self.grpc_port}"], check=False)
         self.proc.kill()
         self.proc.wait(10)
+        _close_log(self)
 
 
 @dataclass
-class GatewayServer:
+class GatewayServer(_LogMixin):
     """``gateway serve`` on a free port with the given GATEWAY_* environment."""
 
     env: dict[str, str] = field(default_factory=dict)
@@ -147,6 +205,7 @@ class GatewayServer:
     workers: int = 1
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    _log: Any = None
 
     @property
     def url(self) -> str:
@@ -155,11 +214,22 @@ class GatewayServer:
     def start(self, timeout: float = 30, ready: bool = False) -> GatewayServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update(self.env)
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        log = self._open_log()
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "gateway", "serve", "--port", str(self.port),
-             "--workers", str(self.workers)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            [
+                PYTHON,
+                "-m",
+                "gateway",
+                "serve",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         wait_http(f"{self.url}/healthz", timeout, self.proc)
         if ready:
@@ -167,11 +237,4 @@ class GatewayServer:
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                return self.proc.wait()
-        return self.proc.returncode if self.proc else None
+        return _stop(self, sig, timeout)

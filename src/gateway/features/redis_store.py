@@ -119,4 +119,8 @@ class RedisFeatureStore:
 
     async def close(self) -> None:
         with _mapped():
-            await self._client.aclose()
+            if self._cluster:
+                await self._client.aclose()
+            else:
+                # The pool was passed in, so the client does not own it unless told to.
+                await self._client.aclose(close_connection_pool=True)
