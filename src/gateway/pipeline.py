@@ -175,6 +175,7 @@ class Pipeline:
         matrix = schema.assemble(user, items, schema.encode_context(req.context))
 
         scores: np.ndarray | None = None
+        t_inf = time.perf_counter()
         if fallback is None:
             scores, fallback = await self._inference(matrix, budget)
         t2 = time.perf_counter()
@@ -192,7 +193,7 @@ class Pipeline:
 
         self._obs_features(t1 - t0)
         if fallback is None or fallback["stage"] == "inference":
-            self._obs_inference(t2 - t1)
+            self._obs_inference(t2 - t_inf)
         self._obs_post(t3 - t2)
         if missing_user:
             self.metrics.missing_features.labels("user").inc()
@@ -209,7 +210,7 @@ class Pipeline:
             missing_items=missing_items,
             timings_ms={
                 "features": round((t1 - t0) * 1e3, 3),
-                "inference": round((t2 - t1) * 1e3, 3),
+                "inference": round((t2 - t_inf) * 1e3, 3),
                 "postprocess": round((t3 - t2) * 1e3, 3),
                 "total": round(budget.elapsed() * 1e3, 3),
             },

@@ -169,6 +169,9 @@ def server_env() -> dict[str, str]:
 
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers do: connections of a previous run lingering in TIME_WAIT do not
+        # make a port taken; only a listening socket does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
