@@ -148,7 +148,7 @@ class FeatureSchema:
                     out[pos : pos + 2] = _HOUR_TABLE[int(value)]  # type: ignore[call-overload]
             elif c.kind == "category":
                 if value in c.categories:
-                    out[pos + c.categories.index(value)] = 1.0  # type: ignore[arg-type]
+                    out[pos + c.categories.index(value)] = 1.0
             pos += len(c.columns)
         return out
 

@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     errors.install(app)
 
-    def openapi() -> dict:  # type: ignore[type-arg]
+    def openapi() -> dict:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)

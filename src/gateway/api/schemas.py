@@ -38,7 +38,7 @@ class PredictRequestBase(BaseModel):
 @lru_cache(maxsize=8)
 def request_model(max_items: int) -> type[PredictRequestBase]:
     """The request body model with the configured item cap (in the OpenAPI schema too)."""
-    return create_model(  # type: ignore[no-any-return, call-overload]
+    return create_model(
         "PredictRequest",
         __base__=PredictRequestBase,
         item_ids=(Annotated[list[Id], Field(min_length=1, max_length=max_items)], ...),

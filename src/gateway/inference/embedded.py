@@ -23,7 +23,7 @@ from gateway.schema import SCHEMA
 class MicroBatcher:
     """Merge concurrent ``submit`` calls into batches for one synchronous ``run`` function."""
 
-    def __init__(self, run, max_batch_rows: int, max_delay_s: float) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, run, max_batch_rows: int, max_delay_s: float) -> None:
         self._run = run
         self.max_batch_rows = max_batch_rows
         self.max_delay_s = max_delay_s

@@ -51,7 +51,7 @@ class _Listener(pybreaker.CircuitBreakerListener):
         self._name = name
         self._hook = hook
 
-    def state_change(self, cb, old_state, new_state) -> None:  # type: ignore[no-untyped-def]
+    def state_change(self, cb, old_state, new_state) -> None:
         if self._hook is not None:
             old = _STATES[old_state.name] if old_state is not None else BreakerState.CLOSED
             self._hook(self._name, old, _STATES[new_state.name])

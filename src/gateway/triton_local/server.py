@@ -108,7 +108,7 @@ def to_local_config(cfg: object) -> str:
     from tritonclient.grpc import model_config_pb2
 
     local = model_config_pb2.ModelConfig()
-    local.CopyFrom(cfg)  # type: ignore[arg-type]
+    local.CopyFrom(cfg)
     local.ClearField("platform")
     local.backend = "python"
     local.ClearField("optimization")  # TensorRT is a GPU execution accelerator
