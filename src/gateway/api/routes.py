@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.api.schemas import ErrorResponse, PredictResponse, parse_predict, parse_timeout_header
-from gateway.errors import PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import GatewayError, PayloadTooLarge, UnsupportedMediaType
 from gateway.metrics import render
 from gateway.runtime import Gateway
 
@@ -70,12 +70,16 @@ async def predict(request: Request) -> Response:
     gw = _gw(request)
     t0 = time.perf_counter()
     with gw.admit():
-        _json_content_type(request)
-        header_ms = parse_timeout_header(request.headers.get("x-request-timeout-ms"))
-        budget = gw.budget_policy.start(header_ms)
-        body = await _read_body(request, gw.settings.max_body_bytes)
-        req = parse_predict(body, gw.settings.max_items)
-        result = await gw.pipeline.predict(req, budget)
+        try:
+            _json_content_type(request)
+            header_ms = parse_timeout_header(request.headers.get("x-request-timeout-ms"))
+            budget = gw.budget_policy.start(header_ms)
+            body = await _read_body(request, gw.settings.max_body_bytes)
+            req = parse_predict(body, gw.settings.max_items)
+            result = await gw.pipeline.predict(req, budget)
+        except GatewayError:
+            gw.observe(t0, "error")
+            raise
         payload = orjson.dumps(
             {
                 "request_id": result.request_id,
