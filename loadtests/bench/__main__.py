@@ -1,0 +1,81 @@
+"""``python -m loadtests.bench [--quick]``: the whole benchmark, one command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from loadtests.bench.report import headline, write
+from loadtests.bench.run import Config, run
+from loadtests.bench.scenarios import SCENARIOS
+
+# Full ladder: from a rate where every scenario is idle to past where the gateway
+# saturates on two cores; the low rungs resolve the naive app's capacity.
+FULL_RATES = [25, 50, 100, 200, 300, 400, 600, 800, 1000, 1300, 1600]
+QUICK_RATES = [20, 60]
+
+
+def _rates(text: str) -> list[float]:
+    rates = [float(x) for x in text.split(",") if x.strip()]
+    if not rates or any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError("rates must be positive numbers, comma-separated")
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="tiny ladder, short steps (smoke test)")
+    p.add_argument("--rates", type=_rates, help="comma-separated requests/s ladder")
+    p.add_argument("--duration", type=float, help="seconds per step (default 6, quick 1)")
+    p.add_argument("--items", type=int, default=50, help="items per request (default 50)")
+    p.add_argument("--connections", type=int, default=64, help="max keep-alive connections")
+    p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    names = [s.name for s in SCENARIOS]
+    p.add_argument(
+        "--scenarios",
+        default=",".join(s.name for s in SCENARIOS if "core" in s.tags),
+        help=f"comma-separated subset of {','.join(names)}",
+    )
+    p.add_argument(
+        "--baseline-ref",
+        help="git revision whose src/gateway runs as the 'gateway-before' scenario",
+    )
+    p.add_argument("--out", type=Path, default=Path("loadtests/results"))
+    args = p.parse_args(argv)
+
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(scenarios) - set(names)
+    if unknown:
+        p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if args.baseline_ref and "gateway-before" not in scenarios:
+        scenarios.insert(1, "gateway-before")
+    if "gateway-before" in scenarios and not args.baseline_ref:
+        p.error("the gateway-before scenario needs --baseline-ref")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    cfg = Config(
+        rates=args.rates or (QUICK_RATES if args.quick else FULL_RATES),
+        duration_s=args.duration or (1.0 if args.quick else 6.0),
+        warmup_s=1.0 if args.quick else 2.0,
+        items=args.items,
+        connections=args.connections,
+        scenarios=scenarios,
+        out=args.out,
+        baseline_ref=args.baseline_ref,
+        workers=args.workers,
+        bodies=200 if args.quick else 2_000,
+        # A smoke run does not wait for a quiet machine.
+        quiet_max_wait_s=0.0 if args.quick else 15.0,
+    )
+    data = run(cfg)
+    md = write(data, cfg.out)
+    h = headline(data)
+    print(f"results: {md}")
+    for k, v in h.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

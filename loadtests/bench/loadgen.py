@@ -1,0 +1,181 @@
+"""An open-loop, constant-arrival-rate HTTP/1.1 load generator on raw asyncio streams.
+
+Open loop: request ``k`` is *scheduled* at ``start + k / rate`` whatever happened to
+the ones before it, and its latency is measured from that scheduled time, not from
+when a connection was free to send it. A closed-loop tool (wrk, locust, hey) waits
+for an answer before sending the next request, so when the server stalls it stops
+sending and the stall shows up in one sample instead of in every request that
+should have been sent meanwhile: coordinated omission. Here a stall keeps requests
+queueing at the generator, and their waiting time counts.
+
+Why raw asyncio streams on uvloop and not httpx or aiohttp: every request body is
+encoded once before the run, and each request costs one ``write`` and two reads
+(headers, then exactly Content-Length bytes) of keep-alive HTTP/1.1; a client library
+adds per-request objects (headers, cookies, URL parsing) that cost tens of
+microseconds of CPU each, on a 2-core box where every microsecond the generator
+spends is taken from what it measures. wrk2 (the open-loop wrk) is not packaged in
+Debian; ``wrk`` is closed loop. The benchmark reports this process's CPU time next
+to the servers' so its cost is visible.
+
+Every run is bounded: ``rate * duration`` requests at most, and a drain deadline after
+the last one is scheduled; nothing outlives ``run_step``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import orjson
+
+# A request that has not answered after this long is an error (the gateway's own total
+# budget is 50 ms; two seconds is far past anything the gateway should ever take).
+REQUEST_TIMEOUT_S = 2.0
+# How long after the last scheduled send the step waits for stragglers.
+DRAIN_S = 3.0
+
+
+@dataclass
+class Sample:
+    """One answered (or failed) request."""
+
+    latency_s: float  # from its scheduled send time to its last response byte
+    ok: bool
+    fallback: bool = False
+    server_ms: tuple[float, float, float, float] | None = None  # features, inference, post, total
+    # From its scheduled time to the moment it was written: the generator's own lag
+    # (timer granularity, about 1 ms on an event loop) plus waiting for a free connection.
+    send_lag_s: float = 0.0
+
+
+@dataclass
+class StepResult:
+    """Everything one rate step measured."""
+
+    rate: float
+    duration_s: float
+    scheduled: int
+    samples: list[Sample] = field(default_factory=list)
+    wall_s: float = 0.0
+    unsent: int = 0  # scheduled but never sent before the drain deadline
+
+    @property
+    def errors(self) -> int:
+        return sum(not s.ok for s in self.samples) + self.unsent
+
+
+Classify = Callable[[int, bytes], Sample]
+
+
+def classify_gateway(status: int, body: bytes) -> Sample:
+    """A /predict answer: ok when 200; fallback flag and the server's own stage timings."""
+    if status != 200:
+        return Sample(0.0, False)
+    fallback = b'"fallback":null' not in body
+    server_ms = None
+    k = body.rfind(b'"timings_ms":')
+    if k >= 0:
+        t = orjson.loads(body[k + 13 : -1])
+        server_ms = (t["features"], t["inference"], t["postprocess"], t["total"])
+    return Sample(0.0, True, fallback, server_ms)
+
+
+def classify_status(status: int, body: bytes) -> Sample:
+    """Any other endpoint: ok when 200."""
+    return Sample(0.0, status == 200)
+
+
+def build_requests(
+    host: str, port: int, path: str, bodies: Sequence[bytes], extra_headers: dict[str, str]
+) -> list[bytes]:
+    """Encode every request once, before the clock starts."""
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    for k, v in extra_headers.items():
+        head += f"{k}: {v}\r\n"
+    return [(head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    lower = head.lower()
+    k = lower.find(b"content-length:")
+    if k < 0:
+        raise ValueError("response without Content-Length")
+    end = lower.find(b"\r\n", k)
+    body = await reader.readexactly(int(lower[k + 15 : end]))
+    return status, body
+
+
+async def run_step(
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    rate: float,
+    duration_s: float,
+    connections: int,
+    classify: Classify = classify_gateway,
+) -> StepResult:
+    """Send ``rate * duration_s`` requests on schedule over ``connections`` keep-alive
+    connections, cycling through ``requests``; return every sample."""
+    n = max(1, int(rate * duration_s))
+    result = StepResult(rate, duration_s, n)
+    queue: asyncio.Queue[float | None] = asyncio.Queue()
+    samples = result.samples
+    perf = time.perf_counter
+    counter = iter(range(1 << 62))
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.wait_for(asyncio.open_connection(host, port), REQUEST_TIMEOUT_S)
+
+    async def worker() -> None:
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        while True:
+            sched = await queue.get()
+            if sched is None:
+                break
+            sent = perf()
+            req = requests[next(counter) % len(requests)]
+            try:
+                if conn is None:
+                    conn = await connect()
+                reader, writer = conn
+                sent = perf()
+                writer.write(req)
+                status, body = await asyncio.wait_for(_read_response(reader), REQUEST_TIMEOUT_S)
+                sample = classify(status, body)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+                sample = Sample(0.0, False)
+                if conn is not None:
+                    conn[1].close()
+                conn = None
+            sample.latency_s = perf() - sched
+            sample.send_lag_s = sent - sched
+            samples.append(sample)
+        if conn is not None:
+            conn[1].close()
+
+    workers = [asyncio.create_task(worker()) for _ in range(connections)]
+    interval = 1.0 / rate
+    t_start = perf() + 0.01
+    k = 0
+    while k < n:
+        now = perf()
+        # Release every request whose time has come (the event loop wakes up about once
+        # a millisecond; latency still counts from each request's own scheduled time).
+        while k < n and t_start + k * interval <= now:
+            queue.put_nowait(t_start + k * interval)
+            k += 1
+        if k < n:
+            await asyncio.sleep(max(0.0, t_start + k * interval - perf()))
+    for _ in workers:
+        queue.put_nowait(None)
+    _, pending = await asyncio.wait(workers, timeout=t_start + duration_s + DRAIN_S - perf())
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    result.unsent = n - len(samples)
+    result.wall_s = perf() - t_start
+    return result

@@ -1,0 +1,205 @@
+"""What the benchmark measures: one scenario per way of answering the same request.
+
+Every scenario answers 50-item /predict requests (or, for Triton direct, the 50-row
+batch such a request becomes) on the same Redis data and the same model files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+from loadtests.bench import loadgen
+from loadtests.bench.stack import NaiveServer, start_gateway
+from tests.procs import GatewayServer, RedisServer, TritonServer, free_port
+
+from gateway.schema import SCHEMA
+from gateway.synth import make_world
+
+JSON = {"Content-Type": "application/json"}
+
+
+@dataclass
+class Shared:
+    """Servers every scenario uses, started once."""
+
+    redis: RedisServer
+    triton: TritonServer
+    log_dir: Path
+    baseline_src: Path | None = None
+    workers: int = 1
+
+
+@dataclass
+class Target:
+    """A started scenario: where to send, what to send, which processes to account."""
+
+    port: int
+    path: str
+    headers: dict[str, str]
+    bodies: list[bytes]
+    classify: loadgen.Classify
+    pids: dict[str, int]
+    metrics_url: str | None
+    stop: Callable[[], None]
+    expects_model: bool = True  # a fallback answer counts against this scenario
+
+
+@dataclass
+class Scenario:
+    name: str
+    label: str
+    start: Callable[[Shared, list[bytes]], Target]
+    notes: str = ""
+    tags: set[str] = field(default_factory=set)
+
+
+def _gateway_target(
+    shared: Shared, bodies: list[bytes], env: dict[str, str], name: str, **kw: object
+) -> Target:
+    gw: GatewayServer = start_gateway(
+        env,
+        shared.log_dir,
+        name,
+        src=kw.get("src"),
+        workers=shared.workers,  # type: ignore[arg-type]
+    )
+    pids = {"server": gw.proc.pid, "triton": shared.triton.proc.pid, "redis": shared.redis.proc.pid}  # type: ignore[union-attr]
+    return Target(
+        gw.port, "/predict", JSON, bodies, loadgen.classify_gateway, pids,
+        f"{gw.url}/metrics", gw.stop, expects_model=bool(kw.get("expects_model", True)),
+    )  # fmt: skip
+
+
+def _prod_env(shared: Shared, model: str = "ctr") -> dict[str, str]:
+    return {
+        "GATEWAY_REDIS_URL": shared.redis.url,
+        "GATEWAY_TRITON_URL": shared.triton.grpc_url,
+        "GATEWAY_MODEL_NAME": model,
+        "GATEWAY_LOG_LEVEL": "WARNING",
+    }
+
+
+def gateway_int8(shared: Shared, bodies: list[bytes]) -> Target:
+    return _gateway_target(shared, bodies, _prod_env(shared), "gateway-int8")
+
+
+def gateway_fp32(shared: Shared, bodies: list[bytes]) -> Target:
+    return _gateway_target(shared, bodies, _prod_env(shared, "ctr_fp32"), "gateway-fp32")
+
+
+def gateway_before(shared: Shared, bodies: list[bytes]) -> Target:
+    return _gateway_target(
+        shared, bodies, _prod_env(shared), "gateway-before", src=shared.baseline_src
+    )
+
+
+def gateway_embedded(shared: Shared, bodies: list[bytes]) -> Target:
+    return _gateway_target(shared, bodies, {"GATEWAY_LOG_LEVEL": "WARNING"}, "gateway-embedded")
+
+
+def gateway_triton_down(shared: Shared, bodies: list[bytes]) -> Target:
+    # Nothing listens on this port: every inference call fails at connect, the breaker
+    # opens after GATEWAY_BREAKER_FAIL_MAX failures, and the fallback answers.
+    env = _prod_env(shared) | {"GATEWAY_TRITON_URL": f"127.0.0.1:{free_port()}"}
+    gw = GatewayServer(env=env, workers=shared.workers, log_path=shared.log_dir / "fallback.log")
+    gw.start(timeout=60, ready=False)  # never ready: Triton is down, by design
+    pids = {"server": gw.proc.pid, "redis": shared.redis.proc.pid}  # type: ignore[union-attr]
+    return Target(
+        gw.port, "/predict", JSON, bodies, loadgen.classify_gateway, pids,
+        f"{gw.url}/metrics", gw.stop, expects_model=False,
+    )  # fmt: skip
+
+
+def naive(shared: Shared, bodies: list[bytes]) -> Target:
+    nv = NaiveServer(
+        shared.redis.url, shared.triton.http_url, log_path=shared.log_dir / "naive.log"
+    ).start()
+    pids = {"server": nv.proc.pid, "triton": shared.triton.proc.pid, "redis": shared.redis.proc.pid}  # type: ignore[union-attr]
+    return Target(nv.port, "/predict", JSON, bodies, loadgen.classify_gateway, pids, None, nv.stop)
+
+
+def triton_bodies(bodies: list[bytes]) -> tuple[list[bytes], int]:
+    """The model input each /predict body becomes, as Triton HTTP binary-tensor requests.
+
+    Returns the bodies and the JSON header length (the same for all: same shape)."""
+    world = make_world()
+    out: list[bytes] = []
+    header_len = 0
+    for raw in bodies:
+        body = orjson.loads(raw)
+        uid = body["user_id"]
+        user = (
+            world.user_vectors[int(uid[1:])] if uid[1:].isdigit() else SCHEMA.user.default_vector()
+        )
+        items = np.stack(
+            [
+                world.item_vectors[int(i[1:])] if i[1:].isdigit() else SCHEMA.item.default_vector()
+                for i in body["item_ids"]
+            ]
+        )
+        matrix = SCHEMA.assemble(user, items, SCHEMA.encode_context(body.get("context")))
+        header = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": SCHEMA.input_name,
+                        "shape": list(matrix.shape),
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": matrix.nbytes},
+                    }
+                ],
+                "outputs": [{"name": SCHEMA.output_name, "parameters": {"binary_data": True}}],
+            }
+        )
+        header_len = len(header)
+        out.append(header + matrix.tobytes())
+    return out, header_len
+
+
+def triton_direct(shared: Shared, bodies: list[bytes]) -> Target:
+    tbodies, header_len = triton_bodies(bodies)
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(header_len),
+    }
+    pids = {"triton": shared.triton.proc.pid}  # type: ignore[union-attr]
+    return Target(
+        shared.triton.http_port, "/v2/models/ctr/infer", headers, tbodies,
+        loadgen.classify_status, pids, None, lambda: None,
+    )  # fmt: skip
+
+
+SCENARIOS = [
+    Scenario(
+        "gateway", "gateway (Redis + Triton, INT8)", gateway_int8,
+        "the product: one MGET, one Triton gRPC request", {"core"},
+    ),
+    Scenario(
+        "naive", "naive (GET per entity, clients per request)", naive,
+        "loadtests/naive_app.py", {"core"},
+    ),
+    Scenario(
+        "triton-direct", "Triton direct, same batch (HTTP, binary)", triton_direct,
+        "lower bound of the inference stage", {"core"},
+    ),
+    Scenario(
+        "embedded", "gateway embedded (in-memory + onnxruntime)", gateway_embedded,
+        "no Redis, no Triton", {"core"},
+    ),
+    Scenario(
+        "gateway-fp32", "gateway (Redis + Triton, FP32)", gateway_fp32,
+        "GATEWAY_MODEL_NAME=ctr_fp32", {"core"},
+    ),
+    Scenario(
+        "fallback", "gateway, Triton down (fallback)", gateway_triton_down,
+        "breaker open, rule-based scorer answers", {"core"},
+    ),
+    Scenario(
+        "gateway-before", "gateway before this change (INT8)", gateway_before,
+        "--baseline-ref: src/gateway from that git revision", {"baseline"},
+    ),
+]  # fmt: skip
