@@ -1,0 +1,259 @@
+"""A real scrape: Debian's Prometheus on loopback scrapes a running gateway under load.
+
+The P99 comes back through Prometheus's HTTP API with ``histogram_quantile(0.99, ...)``,
+the way the recording rules and the dashboard compute it. With ``--workers 2`` one
+scrape must see both workers (prometheus-client's multiprocess mode): the per-worker
+sample files in PROMETHEUS_MULTIPROC_DIR each hold part of the requests, and the one
+scraped total equals every request sent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client import multiprocess as prom_mp
+
+from gateway.metrics import LATENCY_BUCKETS
+from tests.procs import GatewayServer, free_port, wait_http
+
+# The scrape interval: short so a few seconds of load give several samples.
+SCRAPE_INTERVAL_S = 1
+# Load: bounded in time, loopback only, a few concurrent clients.
+LOAD_SECONDS = 4.0
+CLIENTS = 4
+
+
+@dataclass
+class Prometheus:
+    """Debian's prometheus on a free loopback port, scraping ``targets`` every second."""
+
+    workdir: Path
+    targets: list[str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    log: BinaryIO | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Prometheus:
+        binary = shutil.which("prometheus")
+        assert binary, "prometheus is not installed (Debian package: prometheus)"
+        config = self.workdir / "prometheus.yml"
+        config.write_text(
+            json.dumps(  # JSON is YAML
+                {
+                    "global": {
+                        "scrape_interval": f"{SCRAPE_INTERVAL_S}s",
+                        "evaluation_interval": "15s",
+                    },
+                    "scrape_configs": [
+                        {
+                            "job_name": "gateway",
+                            "scrape_timeout": "900ms",
+                            "static_configs": [{"targets": self.targets}],
+                        }
+                    ],
+                }
+            )
+        )
+        self.log = open(self.workdir / "prometheus.log", "wb")  # closed in stop()
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )  # fmt: skip
+        wait_http(f"{self.url}/-/ready", 30, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+        if self.log:
+            self.log.close()
+
+    def query(self, expr: str) -> list[dict]:
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
+
+    def scalar(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def wait_for(self, expr: str, ok: Callable[[float], bool], timeout: float = 20) -> float:
+        """Poll ``expr`` until its single value satisfies ``ok``; return that value."""
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = self.scalar(expr)
+            if value is not None and not math.isnan(value) and ok(value):
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"{expr} never satisfied the condition in {timeout} s (last {value})")
+
+
+@pytest.fixture
+def prometheus_for(tmp_path) -> Iterator[Callable[[str], Prometheus]]:
+    started: list[Prometheus] = []
+
+    def start(target: str) -> Prometheus:
+        prom = Prometheus(tmp_path / f"prom-{len(started)}", [target])
+        prom.workdir.mkdir()
+        started.append(prom)
+        return prom.start()
+
+    yield start
+    for prom in started:
+        prom.stop()
+
+
+def run_load(base_url: str, seconds: float, clients: int, new_connections: bool) -> list[float]:
+    """``clients`` threads POST /predict for ``seconds``; the client-side latencies.
+
+    With ``new_connections`` every request opens its own connection, so the kernel hands
+    them to whichever uvicorn worker accepts first.
+    """
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker(n: int) -> None:
+        mine = []
+        client = httpx.Client(base_url=base_url, timeout=5)
+        i = 0
+        try:
+            while time.monotonic() < deadline:
+                body = {"user_id": f"u{(n * 7919 + i) % 10_000}",
+                        "item_ids": [f"i{(i + k) % 5_000}" for k in range(50)]}  # fmt: skip
+                t0 = time.perf_counter()
+                if new_connections:
+                    r = httpx.post(f"{base_url}/predict", json=body, timeout=5)
+                else:
+                    r = client.post("/predict", json=body)
+                mine.append(time.perf_counter() - t0)
+                assert r.status_code == 200, r.text
+                i += 1
+        finally:
+            client.close()
+            with lock:
+                latencies.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 30)
+    return latencies
+
+
+def bucket_ceiling(seconds: float) -> float:
+    """The smallest histogram bucket bound at or above ``seconds``."""
+    return next((b for b in LATENCY_BUCKETS if b >= seconds), math.inf)
+
+
+P99 = (
+    "histogram_quantile(0.99, sum by (le) (rate(gateway_request_duration_seconds_bucket"
+    '{job="gateway"}[1m])))'
+)
+COUNT = 'sum(gateway_request_duration_seconds_count{job="gateway"})'
+
+
+def test_p99_read_back_through_prometheus(
+    gateway_factory: Callable[..., GatewayServer], prometheus_for: Callable[[str], Prometheus]
+) -> None:
+    """Under a short load, Prometheus holds the gateway's histogram; its P99 is the
+    gateway's own view, so it is positive and no higher than the bucket bound above the
+    P99 the clients saw (the server's clock starts later and stops earlier)."""
+    gw = gateway_factory(ready=True)
+    prom = prometheus_for(gw.url.removeprefix("http://"))
+    prom.wait_for('up{job="gateway"}', lambda v: v == 1)
+    prom.wait_for(COUNT, lambda v: v == 0)  # scraped once before any request
+
+    p99_during: list[float] = []
+    latencies: list[float] = []
+
+    def load() -> None:
+        latencies.extend(run_load(gw.url, LOAD_SECONDS, CLIENTS, new_connections=False))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    # Read the P99 back while the load still runs.
+    p99_during.append(prom.wait_for(P99, lambda v: v > 0, timeout=LOAD_SECONDS + 10))
+    loader.join(LOAD_SECONDS + 40)
+    assert latencies, "the load sent nothing"
+
+    # Wait for a scrape after the load: then the scraped count is every request sent.
+    sent = len(latencies)
+    prom.wait_for(COUNT, lambda v: v == sent)
+    p99 = prom.wait_for(P99, lambda v: v > 0)
+    client_p99 = sorted(latencies)[int(0.99 * (sent - 1))]
+    assert 0 < p99 <= bucket_ceiling(client_p99), (p99, client_p99)
+    assert 0 < p99_during[0] < 1.0
+    # Per-stage histograms are scraped too (the recording rules and panels use them).
+    stages = {
+        r["metric"]["stage"]
+        for r in prom.query('gateway_stage_duration_seconds_count{job="gateway"} > 0')
+    }
+    assert stages == {"features", "inference", "postprocess"}
+
+
+def per_worker_counts(mp_dir: Path) -> dict[str, float]:
+    """/predict count per worker pid, read from each worker's own histogram file."""
+    counts = {}
+    for path in mp_dir.glob("histogram_*.db"):
+        pid = path.stem.removeprefix("histogram_")
+        one = mp_dir / f"only-{pid}"
+        one.mkdir()
+        shutil.copy(path, one / path.name)
+        registry = CollectorRegistry()
+        prom_mp.MultiProcessCollector(registry, path=str(one))
+        counts[pid] = sum(
+            s.value
+            for fam in registry.collect()
+            for s in fam.samples
+            if s.name == "gateway_request_duration_seconds_count"
+        )
+    return counts
+
+
+def test_one_scrape_sees_both_workers(
+    gateway_factory: Callable[..., GatewayServer],
+    prometheus_for: Callable[[str], Prometheus],
+    tmp_path: Path,
+) -> None:
+    """``--workers 2``: requests land on both workers, and one scrape counts them all."""
+    mp_dir = tmp_path / "multiproc"
+    mp_dir.mkdir()
+    gw = gateway_factory(env={"PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}, workers=2, ready=True)
+    prom = prometheus_for(gw.url.removeprefix("http://"))
+    prom.wait_for(COUNT, lambda v: v == 0)
+    latencies = run_load(gw.url, 3.0, CLIENTS, new_connections=True)
+    sent = len(latencies)
+    assert sent > 0
+    prom.wait_for(COUNT, lambda v: v == sent)
+
+    per_worker = per_worker_counts(mp_dir)
+    served = {pid: n for pid, n in per_worker.items() if n > 0}
+    assert len(served) == 2, f"requests per worker pid: {per_worker}"
+    assert sum(served.values()) == sent
+    assert prom.wait_for(P99, lambda v: v > 0) < 1.0
