@@ -63,20 +63,25 @@ def decode(
         user = schema.user.default_vector()
     iv = schema.item
     n = len(items_raw)
-    if all(r is not None and len(r) == iv.nbytes for r in items_raw):
+    nbytes = iv.nbytes
+    sized = [r is not None and len(r) == nbytes for r in items_raw]
+    if all(sized):
         joined = b"".join(items_raw)  # type: ignore[arg-type]
         items = np.frombuffer(joined, dtype=iv.dtype).reshape(n, iv.width)
         if np.isfinite(items).all():
             return FeatureBatch(user, items, user_missing, 0, corrupt)
-    items = np.empty((n, iv.width), dtype=iv.dtype)
+    # Some values are absent, the wrong length or not finite (about 2 % of ids are
+    # unknown, so most 50-item requests land here): still one join and one frombuffer,
+    # with the default standing in for each unusable value, instead of a Python loop
+    # of frombuffer + isfinite per item.
     default = iv.default_vector()
-    missing = 0
-    for k, raw in enumerate(items_raw):
-        vec = _valid(iv, raw)
-        if vec is None:
-            missing += 1
-            corrupt += raw is not None
-            items[k] = default
-        else:
-            items[k] = vec
+    pad = default.tobytes()
+    buf = bytearray(b"".join(r if ok else pad for r, ok in zip(items_raw, sized, strict=True)))  # type: ignore[misc]
+    items = np.frombuffer(buf, dtype=iv.dtype).reshape(n, iv.width)
+    ok_rows = np.fromiter(sized, dtype=bool, count=n)
+    nonfinite = ok_rows & ~np.isfinite(items).all(axis=1)
+    items[nonfinite] = default
+    absent = sum(r is None for r in items_raw)
+    missing = n - int(ok_rows.sum()) + int(nonfinite.sum())
+    corrupt += missing - absent
     return FeatureBatch(user, items, user_missing, missing, corrupt)
