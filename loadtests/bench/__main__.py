@@ -13,7 +13,7 @@ from loadtests.bench.scenarios import SCENARIOS
 
 # Full ladder: from a rate where every scenario is idle to past where the gateway
 # saturates on two cores; the low rungs resolve the naive app's capacity.
-FULL_RATES = [25, 50, 100, 200, 300, 400, 600, 800, 1000, 1300, 1600]
+FULL_RATES = [10, 25, 50, 100, 200, 300, 400, 600, 800, 1000, 1300]
 QUICK_RATES = [20, 60]
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny ladder, short steps (smoke test)")
     p.add_argument("--rates", type=_rates, help="comma-separated requests/s ladder")
-    p.add_argument("--duration", type=float, help="seconds per step (default 6, quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per step (default 5, quick 1)")
     p.add_argument("--items", type=int, default=50, help="items per request (default 50)")
     p.add_argument("--connections", type=int, default=64, help="max keep-alive connections")
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--baseline-ref",
         help="git revision whose src/gateway runs as the 'gateway-before' scenario",
+    )
+    p.add_argument(
+        "--baseline-paths",
+        default="",
+        help="comma-separated files under src/gateway: the baseline is today's tree with only "
+        "these files taken from --baseline-ref (isolates one change from other work)",
     )
     p.add_argument("--out", type=Path, default=Path("loadtests/results"))
     args = p.parse_args(argv)
@@ -56,17 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     cfg = Config(
         rates=args.rates or (QUICK_RATES if args.quick else FULL_RATES),
-        duration_s=args.duration or (1.0 if args.quick else 6.0),
+        duration_s=args.duration or (1.0 if args.quick else 5.0),
         warmup_s=1.0 if args.quick else 2.0,
         items=args.items,
         connections=args.connections,
         scenarios=scenarios,
         out=args.out,
         baseline_ref=args.baseline_ref,
+        baseline_paths=[x for x in args.baseline_paths.split(",") if x],
         workers=args.workers,
         bodies=200 if args.quick else 2_000,
         # A smoke run does not wait for a quiet machine.
-        quiet_max_wait_s=0.0 if args.quick else 15.0,
+        quiet_max_wait_s=0.0 if args.quick else 5.0,
     )
     data = run(cfg)
     md = write(data, cfg.out)

@@ -21,6 +21,12 @@ def scrape(url: str, timeout: float = 5.0) -> dict[str, Hist]:
         text = resp.read().decode()
     out: dict[str, Hist] = defaultdict(lambda: defaultdict(dict))
     for fam in text_string_to_metric_families(text):
+        if fam.type == "counter" and fam.name == "gateway_fallback":
+            # Fallback answers by reason: kept as a one-bucket "histogram" per reason.
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    out["fallback_reasons"][s.labels.get("reason", "")][0.0] = s.value
+            continue
         if fam.type != "histogram":
             continue
         for s in fam.samples:

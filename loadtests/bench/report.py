@@ -35,6 +35,14 @@ def capacity(sc: dict[str, Any] | None, p99_ms: float = SLO_P99_MS) -> float:
     return max((r["achieved_rps"] for r in sc["steps"] if holds(r, p99_ms)), default=0.0)
 
 
+def cpu_ms_per_request(row: dict[str, Any]) -> float | None:
+    """CPU milliseconds the server process spent per answered request in a step."""
+    server = row["cpu_cores"].get("server")
+    if server is None or not row["achieved_rps"]:
+        return None
+    return float(server / row["achieved_rps"] * 1e3)
+
+
 def headline(data: dict[str, Any]) -> dict[str, Any]:
     by = {s["name"]: s for s in data["scenarios"]}
     gw, nv, fb = by.get("gateway"), by.get("naive"), by.get("fallback")
@@ -62,8 +70,9 @@ def headline(data: dict[str, Any]) -> dict[str, Any]:
 def _ladder_table(sc: dict[str, Any]) -> list[str]:
     lines = [
         "| rate/s | achieved/s | P50 ms | P95 ms | P99 ms | P99.9 ms | errors | fallback "
-        "| send lag P99 ms | CPU cores: server / triton / redis / generator / others |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| send lag P99 ms | server CPU ms/req "
+        "| CPU cores: server / triton / redis / generator / others |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in sc["steps"]:
         cpu = r["cpu_cores"]
@@ -74,7 +83,7 @@ def _ladder_table(sc: dict[str, Any]) -> list[str]:
             f"| {r['rate']:.0f} | {r['achieved_rps']:.0f} | {_f(r['p50_ms'])} | "
             f"{_f(r['p95_ms'])} | {_f(r['p99_ms'])}{mark} | {_f(r['p999_ms'])} | "
             f"{r['error_rate']:.1%} | {r['fallback_rate']:.1%} | {_f(r.get('send_lag_p99_ms'))} | "
-            f"{cores} |"
+            f"{_f(cpu_ms_per_request(r), 3)} | {cores} |"
         )
     return lines
 
@@ -95,7 +104,12 @@ def _stage_table(sc: dict[str, Any]) -> list[str]:
             f"| {r['rate']:.0f} | {pair(st.get('features'))} | {pair(st.get('inference'))} | "
             f"{pair(st.get('postprocess'))} | {pair(st.get('model'))} | "
             f"{_f(r.get('overhead_p50_ms'))} / {_f(r.get('overhead_p99_ms'))} | "
-            f"{_f(r.get('server_overhead_p50_ms'))} / {_f(r.get('server_overhead_p99_ms'))} |"
+            f"{_f(r.get('server_overhead_p50_ms'))} / {_f(r.get('server_overhead_p99_ms'))} | "
+            + (
+                ", ".join(f"{k} {v}" for k, v in sorted(st.get("fallback_reasons", {}).items()))
+                or "-"
+            )
+            + " |"
         )
     return lines
 
@@ -196,6 +210,35 @@ def markdown(data: dict[str, Any], plot_name: str) -> str:
                 f"{_f((r0 or {}).get('p99_ms'))} | {_f(inf.get('p50_ms'))} / "
                 f"{_f(inf.get('p99_ms'))} |"
             )
+    before, after = by.get("gateway-before"), by.get("gateway")
+    if before and after:
+        cfg_paths = ", ".join(f"`{p}`" for p in cfg.get("baseline_paths") or []) or "src/gateway"
+        lines += [
+            "",
+            "## Before / after the hot-path change (same run)",
+            "",
+            f"`gateway-before` runs {cfg_paths} as of `{cfg['baseline_ref']}`; everything else "
+            "identical. Server CPU per request is the least noisy measure on a shared box.",
+            "",
+            "| rate/s | P50 ms before → after | P99 ms before → after "
+            "| server CPU ms/request before → after (ratio) |",
+            "|---:|---|---|---|",
+        ]
+        b_rows = {r["rate"]: r for r in before["steps"]}
+        for r in after["steps"]:
+            b = b_rows.get(r["rate"])
+            if not b:
+                continue
+            cb, ca = cpu_ms_per_request(b), cpu_ms_per_request(r)
+            ratio = f"{cb / ca:.2f}×" if cb and ca else "n/a"
+            lines.append(
+                f"| {r['rate']:.0f} | {_f(b['p50_ms'])} → {_f(r['p50_ms'])} | "
+                f"{_f(b['p99_ms'])} → {_f(r['p99_ms'])} | {_f(cb, 3)} → {_f(ca, 3)} ({ratio}) |"
+            )
+        lines.append(
+            f"\nThroughput at P99 ≤ {SLO_P99_MS:g} ms: before {capacity(before):.0f}/s, "
+            f"after {capacity(after):.0f}/s."
+        )
     lines += ["", "## Every step", ""]
     for s in data["scenarios"]:
         lines += [f"### {s['label']}", "", *_ladder_table(s), ""]

@@ -41,7 +41,7 @@ STOP_FALLBACK_RATE = 0.5
 # that are not ours use under QUIET_CORES of CPU, so a neighbour's test run does not land
 # inside a step. What others used during each step is reported either way.
 QUIET_CORES = 0.3
-QUIET_MAX_WAIT_S = 15.0
+QUIET_MAX_WAIT_S = 5.0
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Config:
     scenarios: list[str]
     out: Path
     baseline_ref: str | None = None
+    baseline_paths: list[str] = field(default_factory=list)
     workers: int = 1
     bodies: int = 2_000
     seed: int = 1
@@ -90,11 +91,18 @@ def summarize(step: loadgen.StepResult, expects_model: bool) -> dict[str, Any]:
     row["send_lag_p50_ms"], row["send_lag_p99_ms"] = _pct(
         [s.send_lag_s * 1e3 for s in ok], (50, 99)
     )
-    timed = [(s.latency_s * 1e3, s.server_ms) for s in ok if s.server_ms and not s.fallback]
+    # From the moment the request was written, not from its scheduled time: the
+    # generator's own timer lag is not the gateway's overhead.
+    timed = [
+        ((s.latency_s - s.send_lag_s) * 1e3, s.server_ms)
+        for s in ok
+        if s.server_ms and not s.fallback
+    ]
     if timed:
         # Overhead = what the gateway adds to its two dependencies: the client-measured
-        # latency minus the request's own Redis and Triton stage times (so it includes
-        # HTTP parsing, validation, assembly, rendering, the loopback and any queueing),
+        # latency (from send) minus the request's own Redis and Triton stage times (so it
+        # includes HTTP parsing, validation, assembly, rendering, the loopback and any
+        # queueing in the gateway),
         # and the same from the server's own total (inside the route only).
         e2e = [lat - f - i for lat, (f, i, _p, _t) in timed]
         srv = [t - f - i for _lat, (f, i, _p, t) in timed]
@@ -147,6 +155,8 @@ def _stages(url: str | None, before: dict[str, Any] | None) -> tuple[dict[str, A
         h = promstats.diff(now.get(fam, {}), before.get(fam, {}))
         for label in key:
             out[label] = promstats.summary(h, label)
+    reasons = promstats.diff(now.get("fallback_reasons", {}), before.get("fallback_reasons", {}))
+    out["fallback_reasons"] = {k: int(v[0.0]) for k, v in reasons.items() if v.get(0.0)}
     return out, now
 
 
@@ -242,7 +252,11 @@ def run(cfg: Config) -> dict[str, Any]:
         try:
             load(redis.url, progress=False)
             triton.start(timeout=120)
-            baseline_src = export_src(cfg.baseline_ref, log_dir) if cfg.baseline_ref else None
+            baseline_src = (
+                export_src(cfg.baseline_ref, log_dir, cfg.baseline_paths)
+                if cfg.baseline_ref
+                else None
+            )
             shared = Shared(redis, triton, log_dir, baseline_src, cfg.workers)
             bodies = Workload(seed=cfg.seed).bodies(cfg.bodies, cfg.items)
             results = []
@@ -262,6 +276,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "connections": cfg.connections,
             "gateway_workers": cfg.workers,
             "baseline_ref": cfg.baseline_ref,
+            "baseline_paths": cfg.baseline_paths,
         },
         "scenarios": results,
         "wall_seconds": time.perf_counter() - t_start,

@@ -8,6 +8,7 @@ from another git revision (the "before" of a change), both as plain subprocesses
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
@@ -84,12 +85,22 @@ class NaiveServer:
                 self.proc.wait()
 
 
-def export_src(ref: str, dest: Path) -> Path:
+def export_src(ref: str, dest: Path, only: list[str] | None = None) -> Path:
     """Write ``src/`` as of git revision ``ref`` under ``dest``; return the src folder.
 
-    The gateway started with that folder first on PYTHONPATH runs the old code with
-    today's dependencies: a same-run before/after comparison of a change.
+    With ``only`` (paths under src/gateway), take today's working tree and put just those
+    files back as they were at ``ref``: the before/after of one change, isolated from
+    other uncommitted work. The gateway started with that folder first on PYTHONPATH
+    runs the old code with today's dependencies.
     """
+    if only:
+        shutil.copytree(ROOT / "src" / "gateway", dest / "src" / "gateway")
+        for path in only:
+            old = subprocess.run(
+                ["git", "show", f"{ref}:{path}"], cwd=ROOT, check=True, capture_output=True
+            ).stdout
+            (dest / path).write_bytes(old)
+        return dest / "src"
     archive = subprocess.run(
         ["git", "archive", "--format=tar", ref, "src/gateway"],
         cwd=ROOT, check=True, capture_output=True,
