@@ -31,7 +31,7 @@ def test_benchmark_completes_on_a_tiny_ladder(tmp_path: Path) -> None:
     names = {s["name"] for s in data["scenarios"]}
     assert names == {
         "gateway", "gateway-before", "naive", "triton-direct", "embedded", "gateway-fp32",
-        "fallback",
+        "gateway-breaker-tuned", "fallback",
     }  # fmt: skip
     by = {s["name"]: s for s in data["scenarios"]}
     for s in data["scenarios"]:

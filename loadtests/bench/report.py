@@ -91,8 +91,9 @@ def _ladder_table(sc: dict[str, Any]) -> list[str]:
 def _stage_table(sc: dict[str, Any]) -> list[str]:
     lines = [
         "| rate/s | features P50/P99 | inference P50/P99 | postprocess P50/P99 "
-        "| route total P50/P99 | overhead P50/P99 | in-route overhead P50/P99 |",
-        "|---:|---|---|---|---|---|---|",
+        "| route total P50/P99 | overhead P50/P99 | in-route overhead P50/P99 "
+        "| fallbacks by reason |",
+        "|---:|---|---|---|---|---|---|---|",
     ]
     for r in sc["steps"]:
         st = r.get("stages") or {}

@@ -160,62 +160,102 @@ def _stages(url: str | None, before: dict[str, Any] | None) -> tuple[dict[str, A
     return out, now
 
 
-def run_scenario(
-    runner: asyncio.Runner, sc: Scenario, shared: Shared, bodies: list[bytes], cfg: Config
-) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    target: Target = sc.start(shared, bodies)
-    steps: list[dict[str, Any]] = []
-    try:
-        reqs = loadgen.build_requests(
+class _Live:
+    """One started scenario inside a run: its target, requests, scrape state and steps."""
+
+    def __init__(self, sc: Scenario, target: Target) -> None:
+        self.sc = sc
+        self.target = target
+        self.reqs = loadgen.build_requests(
             "127.0.0.1", target.port, target.path, target.bodies, target.headers
         )
+        self.scrape: Any = None
+        self.steps: list[dict[str, Any]] = []
+        self.done = False
+        self.t_start = time.perf_counter()
+        self.busy_s = 0.0
 
-        def step(rate: float, duration: float) -> loadgen.StepResult:
-            return runner.run(
-                loadgen.run_step(
-                    "127.0.0.1", target.port, reqs, rate, duration, cfg.connections,
-                    target.classify,
-                )
-            )  # fmt: skip
+    def step(
+        self, runner: asyncio.Runner, cfg: Config, rate: float, duration: float
+    ) -> loadgen.StepResult:
+        return runner.run(
+            loadgen.run_step(
+                "127.0.0.1", self.target.port, self.reqs, rate, duration, cfg.connections,
+                self.target.classify,
+            )
+        )  # fmt: skip
 
-        # Warm up: connections, pools, the breaker's view of a dead Triton, JIT-less caches.
-        step(cfg.rates[0], cfg.warmup_s)
-        _, scrape = _stages(target.metrics_url, None)
-        for rate in cfg.rates:
-            waited = wait_quiet(list(target.pids.values()), cfg.quiet_max_wait_s)
-            c0 = _cpu(target.pids)
-            res = step(rate, cfg.duration_s)
-            c1 = _cpu(target.pids)
-            row = summarize(res, target.expects_model)
-            row["cpu_cores"] = _cores(c0, c1, res.wall_s)
-            row["quiet_wait_s"] = waited
-            row["stages"], scrape = _stages(target.metrics_url, scrape)
-            steps.append(row)
-            log.info(
-                "%-15s %6.0f/s -> %6.0f/s  p50 %7.2f  p99 %7.2f ms  lag99 %.2f  err %.3f  fb %.3f"
-                "  cpu %s",
-                sc.name, rate, row["achieved_rps"], row["p50_ms"] or -1, row["p99_ms"] or -1,
-                row["send_lag_p99_ms"] or -1,
-                row["error_rate"], row["fallback_rate"],
-                " ".join(f"{k}={v:.2f}" for k, v in row["cpu_cores"].items()),
-            )  # fmt: skip
-            if (
-                (row["p99_ms"] or 1e9) > STOP_P99_MS
-                or row["error_rate"] > STOP_ERROR_RATE
-                or (target.expects_model and row["fallback_rate"] > STOP_FALLBACK_RATE)
-            ):
-                log.info("%s saturated at %.0f/s; ladder stops", sc.name, rate)
+    def result(self) -> dict[str, Any]:
+        return {
+            "name": self.sc.name,
+            "label": self.sc.label,
+            "notes": self.sc.notes,
+            "steps": self.steps,
+            "seconds": self.busy_s,
+        }
+
+
+def _measure(runner: asyncio.Runner, live: _Live, cfg: Config, rate: float) -> None:
+    t0 = time.perf_counter()
+    target = live.target
+    waited = wait_quiet(list(target.pids.values()), cfg.quiet_max_wait_s)
+    c0 = _cpu(target.pids)
+    res = live.step(runner, cfg, rate, cfg.duration_s)
+    c1 = _cpu(target.pids)
+    row = summarize(res, target.expects_model)
+    row["cpu_cores"] = _cores(c0, c1, res.wall_s)
+    row["quiet_wait_s"] = waited
+    row["stages"], live.scrape = _stages(target.metrics_url, live.scrape)
+    live.steps.append(row)
+    log.info(
+        "%-15s %6.0f/s -> %6.0f/s  p50 %7.2f  p99 %7.2f ms  lag99 %.2f  err %.3f  fb %.3f"
+        "  cpu %s",
+        live.sc.name, rate, row["achieved_rps"], row["p50_ms"] or -1, row["p99_ms"] or -1,
+        row["send_lag_p99_ms"] or -1, row["error_rate"], row["fallback_rate"],
+        " ".join(f"{k}={v:.2f}" for k, v in row["cpu_cores"].items()),
+    )  # fmt: skip
+    if (
+        (row["p99_ms"] or 1e9) > STOP_P99_MS
+        or row["error_rate"] > STOP_ERROR_RATE
+        or (target.expects_model and row["fallback_rate"] > STOP_FALLBACK_RATE)
+    ):
+        log.info("%s saturated at %.0f/s; its ladder stops", live.sc.name, rate)
+        live.done = True
+    live.busy_s += time.perf_counter() - t0
+
+
+def run_group(
+    runner: asyncio.Runner,
+    group: list[Scenario],
+    shared: Shared,
+    bodies: list[bytes],
+    cfg: Config,
+) -> list[dict[str, Any]]:
+    """Run scenarios over the ladder; a group of several is interleaved step by step.
+
+    Interleaving (A then B at each rate, the order swapped at every rate) is how the
+    before/after pair is measured: on a shared machine, whatever a neighbour does lands
+    on both sides of the comparison instead of on one scenario's whole ladder.
+    """
+    lives: list[_Live] = []
+    try:
+        for sc in group:
+            lives.append(_Live(sc, sc.start(shared, bodies)))
+        for live in lives:
+            # Warm up: connections, pools, the breaker's view of a dead Triton.
+            live.step(runner, cfg, cfg.rates[0], cfg.warmup_s)
+            _, live.scrape = _stages(live.target.metrics_url, None)
+        for k, rate in enumerate(cfg.rates):
+            order = lives if k % 2 == 0 else lives[::-1]
+            for live in order:
+                if not live.done:
+                    _measure(runner, live, cfg, rate)
+            if all(live.done for live in lives):
                 break
     finally:
-        target.stop()
-    return {
-        "name": sc.name,
-        "label": sc.label,
-        "notes": sc.notes,
-        "steps": steps,
-        "seconds": time.perf_counter() - t0,
-    }
+        for live in lives:
+            live.target.stop()
+    return [live.result() for live in lives]
 
 
 def machine() -> dict[str, str]:
@@ -259,10 +299,19 @@ def run(cfg: Config) -> dict[str, Any]:
             )
             shared = Shared(redis, triton, log_dir, baseline_src, cfg.workers)
             bodies = Workload(seed=cfg.seed).bodies(cfg.bodies, cfg.items)
-            results = []
+            results: list[dict[str, Any]] = []
+            # The before/after pair runs interleaved; every other scenario on its own.
+            paired = {"gateway", "gateway-before"}
+            groups: list[list[Scenario]] = []
+            for sc in selected:
+                if sc.name in paired and {s.name for s in selected} >= paired:
+                    if sc.name == "gateway":
+                        groups.append([s for s in selected if s.name in paired])
+                    continue
+                groups.append([sc])
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                for sc in selected:
-                    results.append(run_scenario(runner, sc, shared, bodies, cfg))
+                for group in groups:
+                    results.extend(run_group(runner, group, shared, bodies, cfg))
         finally:
             triton.stop()
             redis.stop()

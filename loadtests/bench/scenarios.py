@@ -97,6 +97,17 @@ def gateway_before(shared: Shared, bodies: list[bytes]) -> Target:
     )
 
 
+def gateway_breaker_tuned(shared: Shared, bodies: list[bytes]) -> Target:
+    # Configuration only, to show where the misses come from: with the default breaker
+    # (5 consecutive failures, 2 s open), one CPU stall that times out the handful of
+    # requests in flight opens it and 2 s of traffic goes to the fallback.
+    env = _prod_env(shared) | {
+        "GATEWAY_BREAKER_FAIL_MAX": "25",
+        "GATEWAY_BREAKER_RESET_TIMEOUT_S": "0.5",
+    }
+    return _gateway_target(shared, bodies, env, "gateway-breaker-tuned")
+
+
 def gateway_embedded(shared: Shared, bodies: list[bytes]) -> Target:
     return _gateway_target(shared, bodies, {"GATEWAY_LOG_LEVEL": "WARNING"}, "gateway-embedded")
 
@@ -193,6 +204,10 @@ SCENARIOS = [
     Scenario(
         "gateway-fp32", "gateway (Redis + Triton, FP32)", gateway_fp32,
         "GATEWAY_MODEL_NAME=ctr_fp32", {"core"},
+    ),
+    Scenario(
+        "gateway-breaker-tuned", "gateway INT8, breaker 25 failures / 0.5 s", gateway_breaker_tuned,
+        "GATEWAY_BREAKER_FAIL_MAX=25, GATEWAY_BREAKER_RESET_TIMEOUT_S=0.5", {"core"},
     ),
     Scenario(
         "fallback", "gateway, Triton down (fallback)", gateway_triton_down,
