@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from gateway.features.loader import load
+from tests.faultproxy import ProxyProcess
 from tests.procs import GatewayServer, RedisServer, TritonServer
 
 
@@ -50,3 +51,37 @@ def gateway_factory(tmp_path) -> Iterator[Callable[..., GatewayServer]]:
     yield start
     for gw in started:
         gw.stop()
+
+
+# -- resilience tests (issue 6): fault proxies, Triton instances a test may kill -----------
+
+
+@pytest.fixture
+def triton_factory(tmp_path) -> Iterator[Callable[..., TritonServer]]:
+    """Start Triton instances of the test's own (any repository); all stopped at teardown."""
+    started: list[TritonServer] = []
+
+    def start(repo=None) -> TritonServer:
+        kw = {"repo": repo} if repo is not None else {}
+        server = TritonServer(log_path=tmp_path / f"triton-{len(started)}.log", **kw)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def proxy_factory(tmp_path) -> Iterator[Callable[[str], ProxyProcess]]:
+    """Start fault proxies in front of ``host:port`` upstreams; all stopped at teardown."""
+    started: list[ProxyProcess] = []
+
+    def start(upstream: str) -> ProxyProcess:
+        proxy = ProxyProcess(upstream, log_path=tmp_path / f"proxy-{len(started)}.log")
+        started.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in started:
+        proxy.stop()

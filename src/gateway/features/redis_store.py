@@ -43,13 +43,35 @@ def _mapped() -> Iterator[None]:
         raise FeatureStoreUnavailable(f"redis unreachable: {exc}") from exc
     except RedisError as exc:
         raise FeatureStoreError(f"redis error: {exc}") from exc
+    except RuntimeError as exc:
+        # uvloop raises RuntimeError("unable to perform operation on <TCPTransport
+        # closed=True ...>; the handler is closed") when redis-py writes to a connection
+        # the peer has reset; redis-py passes it through (after closing the connection).
+        # It is a dead connection, not a bug of ours: found by the connection-reset
+        # fault test, where it surfaced as a 500.
+        if "closed" in str(exc):
+            raise FeatureStoreUnavailable(f"redis connection closed: {exc}") from exc
+        raise
 
 
 def client_kwargs(
     connect_timeout_s: float, socket_timeout_s: float, max_connections: int
 ) -> dict[str, Any]:
-    """The explicit redis-py client settings shared by the store and the loader."""
+    """The explicit redis-py client settings shared by the store and the loader.
+
+    A new connection must cost one TCP handshake and nothing else, because it is made
+    inside a request's features budget (a call cut off by that budget closes its
+    connection, so the next request opens one). redis-py 8's defaults spend three more
+    round trips on it: ``HELLO 3`` (RESP3), ``CLIENT MAINT_NOTIFICATIONS`` and ``CLIENT
+    SETINFO``. With 3-5 ms to Redis that is past the 15 ms budget, every request times
+    out, each timeout closes the connection, and the store never recovers (the fault
+    test ``test_redis_latency_under_budget_is_served`` found this). So: RESP2 (no HELLO,
+    no maintenance notifications; MGET replies are the same bulk strings) and no
+    driver info (no SETINFO).
+    """
     return dict(
+        protocol=2,
+        driver_info=None,
         socket_connect_timeout=connect_timeout_s,
         socket_timeout=socket_timeout_s,
         retry=Retry(NoBackoff(), 0),
