@@ -101,11 +101,12 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     lower = head.lower()
-    k = lower.find(b"content-length:")
+    # At a line start: Triton's binary responses also carry Inference-Header-Content-Length.
+    k = lower.find(b"\r\ncontent-length:")
     if k < 0:
         raise ValueError("response without Content-Length")
-    end = lower.find(b"\r\n", k)
-    body = await reader.readexactly(int(lower[k + 15 : end]))
+    end = lower.find(b"\r\n", k + 2)
+    body = await reader.readexactly(int(lower[k + 17 : end]))
     return status, body
 
 
