@@ -155,6 +155,11 @@ def test_dashboard_metrics_exist(triton: TritonServer) -> None:
 def test_rules_are_valid() -> None:
     out = _run([_tool("promtool"), "check", "rules", *map(str, RULE_FILES)])
     assert out.returncode == 0, out.stdout + out.stderr
+    # The standalone config loads exactly these rule files.
+    out = _run([_tool("promtool"), "check", "config", str(PROM / "prometheus.yml")])
+    assert out.returncode == 0, out.stdout + out.stderr
+    loaded = yaml.safe_load((PROM / "prometheus.yml").read_text())["rule_files"]
+    assert sorted(PROM / f for f in loaded) == RULE_FILES
 
 
 def test_recording_rules_use_exported_metrics() -> None:
