@@ -367,4 +367,5 @@ def test_container_smoke() -> None:
             f"set GATEWAY_SKIP_CONTAINER_SMOKE=1 to opt out:\n{log}"
         )
     assert out.returncode == 0, log
-    assert "/predict: " in log and "HEALTHCHECK: healthy" in log
+    for step in ("/healthz: ", "/predict: ", "/metrics: counts", "HEALTHCHECK: healthy"):
+        assert step in log, f"{step!r} missing from the smoke log:\n{log}"
