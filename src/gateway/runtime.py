@@ -19,6 +19,7 @@ from gateway.features.base import FeatureStore
 from gateway.inference.base import InferenceBackend
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, build_guarded_calls
+from gateway.policy.admission import AdaptiveLimit, LagMonitor
 from gateway.policy.breaker import BreakerState
 from gateway.policy.budget import BudgetPolicy
 
@@ -81,7 +82,10 @@ class Gateway:
             inference=settings.budget_inference_ms,
             postprocess=settings.budget_postprocess_ms,
         )
-        self.inflight = 0
+        # Adaptive in-flight limit under the GATEWAY_MAX_INFLIGHT ceiling; see
+        # policy/admission.py for why it follows event-loop lag rather than latency.
+        self.admission = AdaptiveLimit(settings.max_inflight)
+        self._lag_monitor = LagMonitor(self.admission.on_lag)
         self.shutting_down = False
         self._store: FeatureStore | None = None
         self._backend: InferenceBackend | None = None
@@ -90,6 +94,10 @@ class Gateway:
             o: self.metrics.request_duration.labels(o).observe
             for o in ("model", "fallback", "error")
         }
+
+    @property
+    def inflight(self) -> int:
+        return self.admission.inflight
 
     @property
     def pipeline(self) -> Pipeline:
@@ -105,6 +113,7 @@ class Gateway:
         )
         self._store, self._backend = store, backend
         self._pipeline = Pipeline(store, backend, features_call, inference_call, self.metrics)
+        self._lag_monitor.start()
         log.info(
             "gateway started: features from %s, inference by %s (model %s version %s)%s",
             store.name,
@@ -115,6 +124,7 @@ class Gateway:
         )
 
     async def stop(self) -> None:
+        await self._lag_monitor.stop()
         if self._store is not None:
             await self._store.close()
         if self._backend is not None:
@@ -127,16 +137,20 @@ class Gateway:
 
     @contextmanager
     def admit(self) -> Iterator[None]:
-        """Admission control: at most ``max_inflight`` requests at once, else 503 at once."""
-        if self.inflight >= self.settings.max_inflight:
+        """Admission control: within the adaptive in-flight limit, else 503 at once.
+
+        ``Retry-After: 1``: the limit adapts within tens of milliseconds, so a second is
+        long enough for the overload to have been absorbed or for the client's retry to
+        find another replica, and short enough not to strand its caller.
+        """
+        if not self.admission.try_acquire():
             self.metrics.shed.inc()
             raise Overloaded(retry_after_s=1)
-        self.inflight += 1
         self.metrics.inflight.inc()
         try:
             yield
         finally:
-            self.inflight -= 1
+            self.admission.release()
             self.metrics.inflight.dec()
 
     def observe(self, t0: float, outcome: str) -> None:

@@ -1,0 +1,44 @@
+"""Unit tests for the adaptive in-flight limit (pure logic, no clock, no I/O)."""
+
+from __future__ import annotations
+
+from gateway.policy.admission import AdaptiveLimit
+
+
+def test_sheds_at_the_limit_and_releases() -> None:
+    lim = AdaptiveLimit(ceiling=100, floor=2, initial=3)
+    assert [lim.try_acquire() for _ in range(4)] == [True, True, True, False]
+    lim.release()
+    assert lim.try_acquire()
+
+
+def test_lag_shrinks_the_limit_down_to_the_floor() -> None:
+    lim = AdaptiveLimit(ceiling=100, floor=4, initial=32, lag_target_s=0.005)
+    for _ in range(200):
+        lim.on_lag(0.050)
+    assert lim.limit == 4
+
+
+def test_grows_only_while_the_limit_binds_and_never_past_the_ceiling() -> None:
+    lim = AdaptiveLimit(ceiling=40, floor=4, initial=10, lag_target_s=0.005)
+    for _ in range(50):
+        lim.on_lag(0.0)
+    assert lim.limit == 10  # idle: no reason to grow
+    for _ in range(10):
+        lim.try_acquire()
+    for _ in range(100):
+        lim.on_lag(0.0)
+        while lim.try_acquire():
+            pass
+    assert lim.limit == 40
+
+
+def test_one_gc_pause_does_not_shed() -> None:
+    lim = AdaptiveLimit(ceiling=100, floor=4, initial=32, lag_target_s=0.010)
+    lim.on_lag(0.030)  # one 30 ms stall, smoothed to 7.5 ms: under target
+    assert lim.limit == 32
+
+
+def test_static_ceiling_still_applies() -> None:
+    lim = AdaptiveLimit(ceiling=2)
+    assert [lim.try_acquire() for _ in range(3)] == [True, True, False]
