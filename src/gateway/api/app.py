@@ -55,6 +55,24 @@ class ShedMiddleware:
         await self.app(scope, receive, send)
 
 
+def _document_plain_endpoints(schema: dict) -> None:  # type: ignore[type-arg]
+    """Say what /metrics, /healthz and /readyz really answer (found by schemathesis:
+    FastAPI documents every route as JSON, but /metrics is Prometheus text, and /readyz
+    answers 503 with a JSON reason when a dependency is down)."""
+    paths = schema.get("paths", {})
+    metrics = paths.get("/metrics", {}).get("get")
+    if metrics:
+        metrics["responses"]["200"]["content"] = {
+            "text/plain": {"schema": {"type": "string"}, "example": "# HELP ..."}
+        }
+    readyz = paths.get("/readyz", {}).get("get")
+    if readyz:
+        readyz["responses"]["503"] = {
+            "description": "not ready: a dependency is down, or the gateway is shutting down",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. ``settings`` default to the ``GATEWAY_*`` environment."""
     settings = settings or load_settings()
@@ -100,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         comps.update(body.pop("$defs", {}))
         comps["PredictRequest"] = body
+        _document_plain_endpoints(schema)
         app.openapi_schema = schema
         return schema
 

@@ -7,7 +7,15 @@ import uuid
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
 from gateway.errors import InvalidRequest
 from gateway.pipeline import PredictInput
@@ -22,8 +30,18 @@ class Context(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    hour: int | None = Field(None, ge=0, le=23, strict=True, description="hour of day, 0-23")
+    hour: int | None = Field(None, ge=0, le=23, description="hour of day, 0-23")
     device: Device | None = Field(None, description="one of " + ", ".join(DEVICES))
+
+    @field_validator("hour", mode="before")
+    @classmethod
+    def _hour_is_a_number(cls, v: Any) -> Any:
+        # JSON Schema's "integer" includes 16.0 (schemathesis sends it, and so may any
+        # client that writes numbers as floats), so lax int parsing; but not "16" or
+        # true, which lax mode would also take.
+        if isinstance(v, str | bool):
+            raise ValueError("must be an integer number, not a string or boolean")
+        return v
 
 
 class PredictRequestBase(BaseModel):
