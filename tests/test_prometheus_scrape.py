@@ -4,7 +4,8 @@ The P99 comes back through Prometheus's HTTP API with ``histogram_quantile(0.99,
 the way the recording rules and the dashboard compute it. With ``--workers 2`` one
 scrape must see both workers (prometheus-client's multiprocess mode): the per-worker
 sample files in PROMETHEUS_MULTIPROC_DIR each hold part of the requests, and the one
-scraped total equals every request sent.
+scraped total equals every request sent. prometheus-adapter's queries for the HPA
+(deploy/k8s/prometheus-adapter/config.yaml) run against the same real scrape.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import BinaryIO
 
 import httpx
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prom_mp
 
 from gateway.metrics import LATENCY_BUCKETS
-from tests.procs import GatewayServer, free_port, wait_http
+from tests.procs import ROOT, GatewayServer, free_port, wait_http
 
 # The scrape interval: short so a few seconds of load give several samples.
 SCRAPE_INTERVAL_S = 1
@@ -43,6 +45,8 @@ class Prometheus:
 
     workdir: Path
     targets: list[str]
+    # Target labels, as the Prometheus Operator attaches them to a pod's series.
+    labels: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log: BinaryIO | None = None
@@ -66,7 +70,7 @@ class Prometheus:
                         {
                             "job_name": "gateway",
                             "scrape_timeout": "900ms",
-                            "static_configs": [{"targets": self.targets}],
+                            "static_configs": [{"targets": self.targets, "labels": self.labels}],
                         }
                     ],
                 }
@@ -117,7 +121,7 @@ def prometheus_for(tmp_path) -> Iterator[Callable[[str], Prometheus]]:
     started: list[Prometheus] = []
 
     def start(target: str) -> Prometheus:
-        prom = Prometheus(tmp_path / f"prom-{len(started)}", [target])
+        prom = Prometheus(tmp_path / f"prom-{len(started)}", [target], dict(POD_LABELS))
         prom.workdir.mkdir()
         started.append(prom)
         return prom.start()
@@ -171,6 +175,9 @@ def bucket_ceiling(seconds: float) -> float:
     return next((b for b in LATENCY_BUCKETS if b >= seconds), math.inf)
 
 
+POD_LABELS = {"namespace": "gateway-test", "pod": "gateway-0"}
+ADAPTER_CONFIG = ROOT / "deploy" / "k8s" / "prometheus-adapter" / "config.yaml"
+
 P99 = (
     "histogram_quantile(0.99, sum by (le) (rate(gateway_request_duration_seconds_bucket"
     '{job="gateway"}[1m])))'
@@ -215,6 +222,21 @@ def test_p99_read_back_through_prometheus(
         for r in prom.query('gateway_stage_duration_seconds_count{job="gateway"} > 0')
     }
     assert stages == {"features", "inference", "postprocess"}
+
+    # The HPA's per-pod metrics, computed by prometheus-adapter's own queries (the
+    # rule config in deploy/k8s) over this real scrape: each gives this pod a value.
+    for rule in yaml.safe_load(ADAPTER_CONFIG.read_text())["rules"]:
+        series = rule["name"]["matches"].strip("^$")
+        expr = (
+            rule["metricsQuery"]
+            .replace("<<.Series>>", series)
+            .replace("<<.LabelMatchers>>", ",".join(f'{k}="{v}"' for k, v in POD_LABELS.items()))
+            .replace("<<.GroupBy>>", "pod")
+        )
+        result = prom.query(expr)
+        assert [r["metric"] for r in result] == [{"pod": "gateway-0"}], (expr, result)
+        if series.endswith("_count"):  # the request rate the HPA scales on
+            assert float(result[0]["value"][1]) > 0, (expr, result)
 
 
 def per_worker_counts(mp_dir: Path) -> dict[str, float]:
