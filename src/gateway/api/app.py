@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
 
 import orjson
 from fastapi import FastAPI
@@ -16,7 +22,10 @@ from gateway.api import errors
 from gateway.api.routes import router
 from gateway.api.schemas import request_model
 from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError
 from gateway.runtime import Gateway
+
+log = logging.getLogger("gateway")
 
 # The 503 a shed request gets, rendered once: same body and headers as the Overloaded
 # handler in api/errors.py.
@@ -55,7 +64,7 @@ class ShedMiddleware:
         await self.app(scope, receive, send)
 
 
-def _document_plain_endpoints(schema: dict) -> None:  # type: ignore[type-arg]
+def _document_plain_endpoints(schema: dict[str, Any]) -> None:
     """Say what /metrics, /healthz and /readyz really answer (found by schemathesis:
     FastAPI documents every route as JSON, but /metrics is Prometheus text, and /readyz
     answers 503 with a JSON reason when a dependency is down)."""
@@ -73,6 +82,61 @@ def _document_plain_endpoints(schema: dict) -> None:  # type: ignore[type-arg]
         }
 
 
+DRAIN_ENV = "GATEWAY_DRAIN_DELAY_S"
+
+
+def drain_delay_s() -> float:
+    """``GATEWAY_DRAIN_DELAY_S``: seconds between SIGTERM and closing the listener.
+
+    Read here rather than in ``Settings`` only because config.py belongs to another
+    change; it should move there. 0 (the default) keeps the old behaviour.
+    """
+    raw = os.environ.get(DRAIN_ENV, "0")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{DRAIN_ENV}: {raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 300:
+        raise ConfigError(f"{DRAIN_ENV}: must be between 0 and 300 seconds, got {raw!r}")
+    return value
+
+
+def _drain_on_sigterm(gateway: Gateway, drain_s: float) -> Callable[[], None]:
+    """Graceful shutdown: on SIGTERM, readiness turns false at once, the gateway keeps
+    serving for ``drain_s`` (long enough for the load balancer to see /readyz fail and
+    stop sending), then uvicorn's own handler runs: it stops accepting, lets in-flight
+    requests finish (``timeout_graceful_shutdown``) and runs the lifespan shutdown.
+
+    Without the delay, uvicorn closes the listener on SIGTERM while Kubernetes still
+    routes new connections here for a probe period: those are refused (dropped).
+    A second SIGTERM, or SIGINT, skips the wait. Installed from the lifespan, i.e. after
+    uvicorn's ``capture_signals`` put its handler in place; returns the undo.
+    """
+    if drain_s <= 0 or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return lambda: None
+    uvicorn_exit = previous
+
+    def on_sigterm(sig: int, frame: FrameType | None) -> None:
+        if gateway.shutting_down:  # the second one: no more waiting
+            uvicorn_exit(sig, frame)
+            return
+        gateway.shutting_down = True
+        log.warning("SIGTERM: not ready; draining for %.1f s before shutting down", drain_s)
+        loop.call_soon_threadsafe(loop.call_later, drain_s, uvicorn_exit, sig, None)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. ``settings`` default to the ``GATEWAY_*`` environment."""
     settings = settings or load_settings()
@@ -81,9 +145,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     gateway = Gateway(settings)
 
+    drain_s = drain_delay_s()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        restore = _drain_on_sigterm(gateway, drain_s)
         # Everything allocated so far (modules, clients, the schema) lives as long as the
         # process: move it out of the collector's reach, so a full collection walks only
         # request garbage. Without this, gen-2 collections of the import-time heap
@@ -93,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            restore()
             gateway.shutting_down = True
             await gateway.stop()
 
