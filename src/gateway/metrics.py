@@ -102,9 +102,6 @@ class Metrics:
         self.shed = Counter(
             "gateway_shed_total", "Requests refused by admission control (503).", registry=r
         )
-        self.requests = Counter(
-            "gateway_requests_total", "Requests by HTTP status class.", ["code"], registry=r
-        )
         for stage in ("features", "inference", "postprocess"):
             self.stage_duration.labels(stage)
         for outcome in ("model", "fallback", "error"):
