@@ -102,6 +102,9 @@ class RedisFeatureStore:
             from redis.asyncio.cluster import RedisCluster
 
             kwargs.pop("health_check_interval")
+            # Cluster-level retries (MOVED/ASK handling aside) off too: redis-py's
+            # RedisCluster takes ``retry`` for them; it has no ``retry_on_timeout``.
+            kwargs.pop("retry_on_timeout")
             self._client: Any = RedisCluster.from_url(url, **kwargs)
         else:
             pool = redis.BlockingConnectionPool.from_url(
