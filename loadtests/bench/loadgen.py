@@ -48,6 +48,7 @@ class Sample:
     # From its scheduled time to the moment it was written: the generator's own lag
     # (timer granularity, about 1 ms on an event loop) plus waiting for a free connection.
     send_lag_s: float = 0.0
+    error: str = ""  # why it failed: "HTTP 503", "TimeoutError", ...
 
 
 @dataclass
@@ -72,7 +73,7 @@ Classify = Callable[[int, bytes], Sample]
 def classify_gateway(status: int, body: bytes) -> Sample:
     """A /predict answer: ok when 200; fallback flag and the server's own stage timings."""
     if status != 200:
-        return Sample(0.0, False)
+        return Sample(0.0, False, error=f"HTTP {status}")
     fallback = b'"fallback":null' not in body
     server_ms = None
     k = body.rfind(b'"timings_ms":')
@@ -84,7 +85,7 @@ def classify_gateway(status: int, body: bytes) -> Sample:
 
 def classify_status(status: int, body: bytes) -> Sample:
     """Any other endpoint: ok when 200."""
-    return Sample(0.0, status == 200)
+    return Sample(0.0, status == 200, error="" if status == 200 else f"HTTP {status}")
 
 
 def build_requests(
@@ -147,8 +148,8 @@ async def run_step(
                 writer.write(req)
                 status, body = await asyncio.wait_for(_read_response(reader), REQUEST_TIMEOUT_S)
                 sample = classify(status, body)
-            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
-                sample = Sample(0.0, False)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+                sample = Sample(0.0, False, error=type(exc).__name__)
                 if conn is not None:
                     conn[1].close()
                 conn = None

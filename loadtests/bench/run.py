@@ -88,6 +88,13 @@ def summarize(step: loadgen.StepResult, expects_model: bool) -> dict[str, Any]:
         "p999_ms": p999,
         "expects_model": expects_model,
     }
+    kinds: dict[str, int] = {}
+    for smp in step.samples:
+        if not smp.ok:
+            kinds[smp.error] = kinds.get(smp.error, 0) + 1
+    if step.unsent:
+        kinds["not sent before the drain deadline"] = step.unsent
+    row["error_kinds"] = kinds
     row["send_lag_p50_ms"], row["send_lag_p99_ms"] = _pct(
         [s.send_lag_s * 1e3 for s in ok], (50, 99)
     )
