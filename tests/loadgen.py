@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -224,3 +225,11 @@ def record(scenario: str, row: dict) -> None:
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         RESULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        # Keep the docs table in step with the results (scripts/resilience_table.py).
+        spec = importlib.util.spec_from_file_location(
+            "resilience_table", ROOT / "scripts" / "resilience_table.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.render()
