@@ -87,8 +87,10 @@ class Load:
         max_seconds: float = 30.0,
         headers: dict[str, str] | None = None,
         make_body: Callable[[int], bytes] | None = None,
+        nice: int = 0,
     ) -> None:
         self.port = port
+        self.nice = nice
         self.rate = rate
         self.conns = conns
         self.max_requests = max_requests
@@ -169,7 +171,13 @@ class Load:
         self._gc_was_enabled = gc.isenabled()
         gc.disable()
         self.t0 = time.perf_counter()
-        self._thread = threading.Thread(target=lambda: uvloop.run(self._main()), daemon=True)
+
+        def run() -> None:
+            if self.nice:
+                os.nice(self.nice)  # Linux: this thread only
+            uvloop.run(self._main())
+
+        self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
         return self
 

@@ -31,14 +31,9 @@ def test_three_times_capacity(redis_server, triton, gateway_factory) -> None:
     assert gw.proc is not None
     proc = psutil.Process(gw.proc.pid)
     # The load generator shares this machine's two cores with the gateway, Redis and
-    # Triton, and at 3x capacity needs about as much CPU as the gateway. Give the gateway
-    # the upper hand (as its own cores would in production) where we may; without it
-    # the test measures the CPU fight, not the admission control.
-    try:
-        proc.nice(-10)
-    except psutil.AccessDenied:
-        pass
-
+    # Triton, and at 3x capacity needs about as much CPU as the gateway: it runs at a
+    # lower priority (its own thread only), or the test measures the CPU fight rather
+    # than the admission control.
     # Capacity: what 8 back-to-back connections get answered per second (warms up too).
     cap = Load(gw.port, rate=None, conns=8, items=ITEMS, max_seconds=5).run_for(2.0)
     capacity = sum(r.status == 200 for r in cap.recs) / 2.0
@@ -47,7 +42,7 @@ def test_three_times_capacity(redis_server, triton, gateway_factory) -> None:
 
     # 3x capacity, open loop, over enough connections to carry it.
     offered = 3 * capacity
-    over = Load(gw.port, rate=offered, conns=32, items=ITEMS, max_seconds=8).start()
+    over = Load(gw.port, rate=offered, conns=32, items=ITEMS, max_seconds=8, nice=10).start()
     rss = []
     for _ in range(16):
         time.sleep(0.25)
@@ -57,27 +52,29 @@ def test_three_times_capacity(redis_server, triton, gateway_factory) -> None:
     row = summarize(recs, dropped=len(over.errors))
     row["offered_per_s"] = round(offered)
     row["capacity_per_s"] = round(capacity)
+    ok = [r for r in recs if r.status == 200]
+    row["admitted_server_p99_ms"] = round(p99([r.server_ms or 0.0 for r in ok]), 2)
+    row["admitted_client_p99_ms"] = round(p99([r.latency for r in ok]) * 1e3, 2)
     record("overload 3x capacity", row)
 
     assert not over.errors, f"dropped: {over.errors[:5]}"
-    ok = [r for r in recs if r.status == 200]
     shed = [r for r in recs if r.status == 503]
     other = [r for r in recs if r.status not in (200, 503)]
     assert not other, other[:5]
     assert shed, "nothing was shed at 3x capacity"
     assert all(r.retry_after == "1" for r in shed)
     assert all(r.message == "too many requests in flight" for r in shed)
-    # The admitted ones keep the budget: this is what shedding buys. The gateway's own
-    # clock (timings_ms.total, from admission to answer) must stay inside it; the
-    # client's clock adds the wire, the accept queue and the load generator's own CPU
-    # fight on these two shared cores, so it gets twice the budget as a bound on any
-    # queueing in front of admission (without shedding it grows to seconds).
+    # The admitted ones keep the budget: this is what shedding buys. On the gateway's own
+    # clock (timings_ms.total, from admission to answer) inside it. The client's clock
+    # adds the accept queue, the wire and the load generator's own share of these two
+    # cores; it gets twice the budget, a bound on any queueing in front of admission
+    # (without shedding that grows to seconds). Typical runs: 40-60 ms. Whether the model
+    # or the fallback answers them depends on how much CPU Triton, on the same cores,
+    # gets (the table in docs/resilience.md shows both); both are answers in budget.
     assert p99([r.server_ms or 0.0 for r in ok]) <= BUDGET_S * 1e3
     assert p99([r.latency for r in ok]) <= 2 * BUDGET_S, p99([r.latency for r in ok])
     # Goodput holds up: shedding is cheap, the loop still serves most of its capacity.
     assert len(ok) / 4.0 >= 0.5 * capacity, (len(ok), capacity)
-    row["admitted_server_p99_ms"] = round(p99([r.server_ms or 0.0 for r in ok]), 2)
-    record("overload 3x capacity", row)
     # Shed fast: the median 503 is answered within 10 ms, client queueing included (the
     # gateway's own work for one is a comparison and two ASGI messages, see api/app.py).
     shed_lat = sorted(r.latency for r in shed)
