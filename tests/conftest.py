@@ -42,9 +42,12 @@ def gateway_factory(tmp_path) -> Iterator[Callable[..., GatewayServer]]:
     """Start ``gateway serve`` processes with a given environment; all stopped at teardown."""
     started: list[GatewayServer] = []
 
-    def start(env: dict[str, str] | None = None, workers: int = 1, ready: bool = False) -> GatewayServer:
-        gw = GatewayServer(env=dict(env or {}), workers=workers,
-                           log_path=tmp_path / f"gateway-{len(started)}.log")
+    def start(
+        env: dict[str, str] | None = None, workers: int = 1, ready: bool = False
+    ) -> GatewayServer:
+        gw = GatewayServer(
+            env=dict(env or {}), workers=workers, log_path=tmp_path / f"gateway-{len(started)}.log"
+        )
         started.append(gw)
         return gw.start(ready=ready)
 
