@@ -32,6 +32,7 @@ ORDER = [
     "redis short/corrupt values",
     "overload 3x capacity",
     "SIGTERM under load (drain 1 s)",
+    "SIGTERM under load (drain 1 s), 2 workers",
 ]
 COLUMNS = [
     ("sent", "sent"),
