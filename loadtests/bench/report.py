@@ -134,6 +134,18 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
 
 
+def command(cfg: dict[str, Any]) -> str:
+    """The command line that reproduces a run with these settings (defaults left out)."""
+    cmd = "python -m loadtests.bench"
+    if cfg.get("baseline_ref"):
+        cmd += f" --baseline-ref {cfg['baseline_ref']}"
+    if cfg.get("baseline_paths"):
+        cmd += " --baseline-paths " + ",".join(cfg["baseline_paths"])
+    if cfg.get("gateway_workers", 1) != 1:
+        cmd += f" --workers {cfg['gateway_workers']}"
+    return cmd
+
+
 def markdown(data: dict[str, Any], plot_name: str) -> str:
     m, cfg = data["machine"], data["config"]
     h = headline(data)
@@ -142,7 +154,7 @@ def markdown(data: dict[str, Any], plot_name: str) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Run {m['date']}, `python -m loadtests.bench` ({data['wall_seconds']:.0f} s wall).",
+        f"Run {m['date']}, `{command(cfg)}` ({data['wall_seconds']:.0f} s wall).",
         "",
         f"- Machine: {m['cpu']}, {m['memory']} RAM, {m['os']}; shared and noisy.",
         f"- Python {m['python']}, redis-server {m['redis']}, Triton {m['triton']}.",
