@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import psutil
 import uvloop
+from tests.procs import RedisServer, TritonServer
+
+from gateway.features.loader import load
 from loadtests.bench import loadgen, promstats
 from loadtests.bench.scenarios import SCENARIOS, Scenario, Shared, Target
 from loadtests.bench.stack import export_src, self_cpu_s, tree_cpu_s
 from loadtests.bench.workload import Workload
-from tests.procs import RedisServer, TritonServer
-
-from gateway.features.loader import load
 
 log = logging.getLogger("bench")
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from loadtests.bench import loadgen
-from loadtests.bench.stack import NaiveServer, start_gateway
 from tests.procs import GatewayServer, RedisServer, TritonServer, free_port
 
 from gateway.schema import SCHEMA
 from gateway.synth import make_world
+from loadtests.bench import loadgen
+from loadtests.bench.stack import NaiveServer, start_gateway
 
 JSON = {"Content-Type": "application/json"}
 
