@@ -190,7 +190,8 @@ class TritonServer(_LogMixin):
         """SIGKILL the launcher and the tritonserver it started (a crash, not a stop)."""
         if self.proc is None:
             return
-        subprocess.run(["pkill", "-KILL", "-f", f"--grpc-port={self.grpc_port}"], check=False)
+        # "--" so pkill does not read the pattern as one of its own options.
+        subprocess.run(["pkill", "-KILL", "-f", "--", f"--grpc-port={self.grpc_port}"], check=False)
         self.proc.kill()
         self.proc.wait(10)
         _close_log(self)

@@ -83,6 +83,7 @@ def _cmd_features_load(args: argparse.Namespace) -> int:
         seed=args.seed,
         chunk=args.chunk,
         progress=not args.no_progress,
+        cluster=args.cluster,
     )
     return 0
 
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--chunk", type=_positive, default=2_000, help="keys per pipelined write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cluster", action="store_true", help="the URL names a Redis Cluster node")
     p.set_defaults(func=_cmd_features_load)
     return parser
 

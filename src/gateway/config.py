@@ -69,6 +69,16 @@ class Settings(BaseSettings):
     # -- admission control -------------------------------------------------------------
     max_inflight: int = Field(256, ge=1, description="requests in flight per worker before 503")
 
+    # -- shutdown ----------------------------------------------------------------------
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="after SIGTERM: seconds of serving while not ready, before the listener "
+        "closes (so a load balancer that follows /readyz stops sending first). 0 in "
+        "Kubernetes, where the preStop sleep does this",
+    )
+
     # -- embedded default ----------------------------------------------------------------
     embedded_users: int = Field(10_000, ge=1)
     embedded_items: int = Field(5_000, ge=1)

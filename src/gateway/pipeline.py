@@ -35,7 +35,7 @@ from gateway.fallback import FallbackScorer
 from gateway.features.base import FeatureBatch, FeatureStore
 from gateway.inference.base import InferenceBackend
 from gateway.metrics import Metrics
-from gateway.policy.breaker import Breaker
+from gateway.policy.breaker import Breaker, BreakerState
 from gateway.policy.budget import Budget
 from gateway.policy.retry import RetryPolicy
 from gateway.schema import SCHEMA, FeatureSchema
@@ -63,10 +63,13 @@ class GuardedCall:
         """Call ``fn(time_left_s)`` until it succeeds, fails for good, or time runs out."""
         deadline = time.perf_counter() + timeout_s
         with self.breaker.guard():
+            # A half-open breaker's trial call is a probe: one attempt, no retries, so a
+            # user request pays at most one failed call for it.
+            attempts = 1 if self.breaker.state is BreakerState.HALF_OPEN else None
             try:
                 async with asyncio.timeout(timeout_s):
                     return await self.retry.call(
-                        lambda: fn(max(1e-4, deadline - time.perf_counter())), deadline
+                        lambda: fn(max(1e-4, deadline - time.perf_counter())), deadline, attempts
                     )
             except TimeoutError as exc:
                 raise self._timeout_error(

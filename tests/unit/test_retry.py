@@ -106,3 +106,28 @@ def test_exhausted_budget_stops_retries() -> None:
     with pytest.raises(FeatureStoreUnavailable):
         asyncio.run(_policy(budget, 3, events).call(down, deadline=float("inf")))
     assert events == ["exhausted"]
+
+
+def test_a_success_takes_one_call_and_no_retry_token() -> None:
+    budget = RetryBudget(0.0, 0.0, 10.0)
+    events: list = []
+
+    async def ok() -> int:
+        return 7
+
+    assert asyncio.run(_policy(budget, 3, events).call(ok, deadline=float("inf"))) == 7
+    assert events == [] and budget.counts() == (1, 0)
+
+
+def test_max_attempts_override_disables_retries() -> None:
+    calls = []
+
+    async def down() -> None:
+        calls.append(1)
+        raise FeatureStoreUnavailable("refused")
+
+    with pytest.raises(FeatureStoreUnavailable):
+        asyncio.run(
+            _policy(RetryBudget(1.0, 10.0, 10.0), 3).call(down, float("inf"), max_attempts=1)
+        )
+    assert len(calls) == 1

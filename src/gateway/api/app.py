@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +21,6 @@ from gateway.api import errors
 from gateway.api.routes import router
 from gateway.api.schemas import request_model
 from gateway.config import Settings, load_settings
-from gateway.errors import ConfigError
 from gateway.runtime import Gateway
 
 log = logging.getLogger("gateway")
@@ -82,25 +80,6 @@ def _document_plain_endpoints(schema: dict[str, Any]) -> None:
         }
 
 
-DRAIN_ENV = "GATEWAY_DRAIN_DELAY_S"
-
-
-def drain_delay_s() -> float:
-    """``GATEWAY_DRAIN_DELAY_S``: seconds between SIGTERM and closing the listener.
-
-    Read here rather than in ``Settings`` only because config.py belongs to another
-    change; it should move there. 0 (the default) keeps the old behaviour.
-    """
-    raw = os.environ.get(DRAIN_ENV, "0")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{DRAIN_ENV}: {raw!r} is not a number of seconds") from None
-    if not 0 <= value <= 300:
-        raise ConfigError(f"{DRAIN_ENV}: must be between 0 and 300 seconds, got {raw!r}")
-    return value
-
-
 def _drain_on_sigterm(gateway: Gateway, drain_s: float) -> Callable[[], None]:
     """Graceful shutdown: on SIGTERM, readiness turns false at once, the gateway keeps
     serving for ``drain_s`` (long enough for the load balancer to see /readyz fail and
@@ -145,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     gateway = Gateway(settings)
 
-    drain_s = drain_delay_s()
+    drain_s = settings.drain_delay_s
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
