@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Any
 
 from gateway.config import load_settings
 from gateway.metrics import MULTIPROC_ENV
@@ -19,33 +20,24 @@ def serve(host: str, port: int, workers: int = 1) -> int:
         # Multiprocess metrics: every worker writes here, /metrics merges them.
         mp_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         os.environ[MULTIPROC_ENV] = mp_dir
+    common: dict[str, Any] = dict(
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=settings.log_level.lower(),
+        # In-flight requests get this long to finish after SIGTERM (and the drain delay).
+        timeout_graceful_shutdown=10,
+    )
     try:
         if workers > 1:
-            uvicorn.run(
-                "gateway.api.app:create_app",
-                factory=True,
-                host=host,
-                port=port,
-                workers=workers,
-                loop="uvloop",
-                http="httptools",
-                access_log=False,
-                log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=10,
-            )
+            # Each worker process builds its own app (and its clients) from the environment.
+            uvicorn.run("gateway.api.app:create_app", factory=True, workers=workers, **common)
         else:
             from gateway.api.app import create_app
 
-            uvicorn.run(
-                create_app(settings),
-                host=host,
-                port=port,
-                loop="uvloop",
-                http="httptools",
-                access_log=False,
-                log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=10,
-            )
+            uvicorn.run(create_app(settings), **common)
     finally:
         if mp_dir:
             shutil.rmtree(mp_dir, ignore_errors=True)
