@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from gateway.config import Settings
 from gateway.errors import (
     CircuitOpen,
     DependencyError,
@@ -37,7 +38,7 @@ from gateway.inference.base import InferenceBackend
 from gateway.metrics import Metrics
 from gateway.policy.breaker import Breaker, BreakerState
 from gateway.policy.budget import Budget
-from gateway.policy.retry import RetryPolicy
+from gateway.policy.retry import RetryBudget, RetryPolicy
 from gateway.schema import SCHEMA, FeatureSchema
 
 log = logging.getLogger("gateway.pipeline")
@@ -183,8 +184,9 @@ class Pipeline:
             scores, fallback = await self._inference(matrix, budget)
         t2 = time.perf_counter()
         if scores is None:
+            assert fallback is not None  # no scores only ever comes with a reason
             scores = self.fallback.score(matrix)
-            self.metrics.fallback.labels(fallback["reason"] if fallback else "unknown").inc()
+            self.metrics.fallback.labels(fallback["reason"]).inc()
 
         rows = [
             {"item_id": i, "score": s}
@@ -221,15 +223,13 @@ class Pipeline:
 
 
 def build_guarded_calls(
-    settings: Any,
+    settings: Settings,
     metrics: Metrics,
     features_dep: str,
     inference_dep: str,
     on_state_changed: Callable[[str, Any, Any], None],
 ) -> tuple[GuardedCall, GuardedCall]:
     """The features and inference GuardedCalls from settings, wired to metrics."""
-    from gateway.policy.retry import RetryBudget
-
     calls = []
     for dep, timeout_error in (
         (features_dep, FeatureStoreTimeout),

@@ -53,8 +53,7 @@ class ShedMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/predict":
-            adm = self.gateway.admission
-            if adm.inflight >= int(adm.limit):
+            if self.gateway.admission.full():
                 self.gateway.metrics.shed.inc()
                 await send({"type": "http.response.start", "status": 503, "headers": _SHED_HEADERS})
                 await send({"type": "http.response.body", "body": _SHED_BODY})

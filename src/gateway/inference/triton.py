@@ -63,6 +63,8 @@ class TritonBackend:
         self.model_version = model_version or ""
         self._requested_version = model_version
         self._client: grpcclient.InferenceServerClient | None = None
+        # The same requested output every time: built once, not per request.
+        self._outputs = [grpcclient.InferRequestedOutput(SCHEMA.output_name)]
 
     async def start(self) -> None:
         """Create the client on the running loop (a channel made at import would be bound
@@ -100,13 +102,12 @@ class TritonBackend:
     async def infer(self, matrix: np.ndarray, timeout_s: float) -> np.ndarray:
         inp = grpcclient.InferInput(SCHEMA.input_name, list(matrix.shape), "FP32")
         inp.set_data_from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
-        out = grpcclient.InferRequestedOutput(SCHEMA.output_name)
         try:
             result = await self._c().infer(
                 self.model_name,
                 [inp],
                 model_version=self._requested_version,
-                outputs=[out],
+                outputs=self._outputs,
                 client_timeout=timeout_s,
                 # Triton's per-request timeout is in microseconds; at least 1.
                 timeout=max(1, int(timeout_s * 1e6)),

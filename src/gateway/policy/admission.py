@@ -65,9 +65,13 @@ class AdaptiveLimit:
         self.inflight = 0
         self.lag_s = 0.0  # smoothed
 
+    def full(self) -> bool:
+        """Whether a request arriving now would be shed."""
+        return self.inflight >= int(self.limit)
+
     def try_acquire(self) -> bool:
         """Admit one request if the limit allows; the caller must :meth:`release` it."""
-        if self.inflight >= int(self.limit):
+        if self.full():
             return False
         self.inflight += 1
         return True
