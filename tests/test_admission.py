@@ -42,3 +42,17 @@ def test_one_gc_pause_does_not_shed() -> None:
 def test_static_ceiling_still_applies() -> None:
     lim = AdaptiveLimit(ceiling=2)
     assert [lim.try_acquire() for _ in range(3)] == [True, True, False]
+
+
+def test_lag_history_answers_since_when() -> None:
+    from gateway.policy.admission import LagMonitor
+
+    seen: list[float] = []
+    m = LagMonitor(seen.append, interval_s=0.010)
+    m.sample(0.000, 0.010)  # on time
+    m.sample(0.010, 0.032)  # 12 ms late
+    m.sample(0.032, 0.043)  # 1 ms late
+    assert abs(m.max_lag_since(0.0) - 0.012) < 1e-9
+    assert abs(m.max_lag_since(0.033) - 0.001) < 1e-9
+    assert m.max_lag_since(0.050) == 0.0
+    assert len(seen) == 3

@@ -38,7 +38,6 @@ from tests.procs import MODEL_REPOSITORY, GatewayServer, RedisServer, TritonServ
 BUDGET_S = 0.050  # GATEWAY_BUDGET_TOTAL_MS default
 SLACK_S = 0.010  # the "+ 10 ms"
 RESET_S = 1.0  # breaker reset timeout the tests run with (short: seconds per scenario)
-FAIL_MAX = 5
 # 100 requests/s over 4 connections: steady, and well under what 2 shared cores serve
 # (the overload test covers the other side).
 RATE = 100.0
@@ -54,7 +53,6 @@ def gateway_env(redis_url: str, triton_url: str, **extra: str) -> dict[str, str]
         "GATEWAY_REDIS_URL": redis_url,
         "GATEWAY_TRITON_URL": triton_url,
         "GATEWAY_BREAKER_RESET_TIMEOUT_S": str(RESET_S),
-        "GATEWAY_BREAKER_FAIL_MAX": str(FAIL_MAX),
         "GATEWAY_LOG_LEVEL": "INFO",
         **extra,
     }

@@ -154,7 +154,9 @@ def test_triton_down_breaker_opens_then_model_returns(
     t = TritonServer(log_path=tmp_path / "triton.log").start()
     try:
         gw = gateway_factory(
-            _env(redis_server.url, t.grpc_url, breaker_fail_max=3, breaker_reset_timeout_s=reset_s),
+            _env(
+                redis_server.url, t.grpc_url, breaker_min_calls=3, breaker_reset_timeout_s=reset_s
+            ),
             ready=True,
         )
         req = {"user_id": "u1", "item_ids": ITEMS}
@@ -192,6 +194,9 @@ def test_triton_down_breaker_opens_then_model_returns(
                 break
             assert time.monotonic() - opened < reset_s + 2.0, "model did not come back in time"
             time.sleep(0.05)
+        # The first answer was a half-open probe; the rest of the probes close it.
+        for _ in range(3):
+            assert _post(gw, req)[0].json()["fallback"] is None
         assert _metric(gw, "gateway_circuit_state", dependency="triton") == 0
     finally:
         t.stop()
@@ -240,7 +245,7 @@ def test_retries_stay_within_the_retry_budget_during_an_outage(
         _env(
             fresh_redis.url,
             triton.grpc_url,
-            breaker_fail_max=100_000,
+            breaker_min_calls=100_000,
             retry_budget_min_per_s=0.5,
             retry_budget_ratio=0.1,
             retry_max_attempts=3,
@@ -332,21 +337,46 @@ def test_bad_input_gets_its_4xx_and_never_reaches_redis_or_triton(
     admin.close()
 
 
-def test_readiness_refuses_a_store_on_another_schema(
+def test_a_store_on_another_schema_is_not_read_and_readiness_says_why(
     fresh_redis: RedisServer, triton: TritonServer, gateway_factory: Callable[..., GatewayServer]
 ) -> None:
+    """Readiness is about this process; a wrong schema or a dead Redis is in its body, and
+    the fallback answers (reading vectors of another layout would feed the model garbage)."""
     _loaded_fresh(fresh_redis)
-    gw = gateway_factory(_env(fresh_redis.url, triton.grpc_url), ready=True)
+    gw = gateway_factory(_env(fresh_redis.url, triton.grpc_url, health_interval_s=0.1), ready=True)
     admin = redis.Redis.from_url(fresh_redis.url)
+
+    def mgets() -> int:
+        return int(admin.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+
+    req = {"user_id": "u1", "item_ids": ITEMS}
     admin.set(codec.VERSION_KEY, "0:000000000000")
+    time.sleep(0.4)  # a few health checks
     r = _HTTP.get(f"{gw.url}/readyz")
-    assert r.status_code == 503 and "schema" in r.json()["reason"]
-    assert _HTTP.get(f"{gw.url}/healthz").status_code == 200
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "degraded", body
+    assert "schema" in body["dependencies"]["features"]["error"]
+    assert body["dependencies"]["model"] == {"ok": True}
+    before = mgets()
+    r, _ = _post(gw, req)
+    assert r.json()["fallback"] == {"reason": "features_unavailable", "stage": "features"}
+    assert mgets() == before  # nothing read from a store on another schema
+    assert _metric(gw, "gateway_dependency_up", dependency="features") == 0
+
     admin.set(codec.VERSION_KEY, SCHEMA.store_version)
-    assert _HTTP.get(f"{gw.url}/readyz").status_code == 200
-    fresh_redis.stop()
+    time.sleep(0.4)
     r = _HTTP.get(f"{gw.url}/readyz")
-    assert r.status_code == 503 and "features" in r.json()["reason"]
+    assert r.status_code == 200 and r.json()["status"] == "ready", r.json()
+    assert _post(gw, req)[0].json()["fallback"] is None
+
+    fresh_redis.stop()
+    time.sleep(0.8)  # checks now wait for a connection that is refused
+    r = _HTTP.get(f"{gw.url}/readyz")
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "degraded", body
+    assert body["dependencies"]["features"]["ok"] is False
+    r, _ = _post(gw, req)
+    assert r.status_code == 200 and r.json()["fallback"]["stage"] == "features"
     admin.close()
 
 

@@ -8,6 +8,9 @@ millisecond budget).
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -61,13 +64,47 @@ class Settings(BaseSettings):
     retry_budget_min_per_s: float = Field(1.0, ge=0)
     retry_budget_window_s: float = Field(10.0, gt=0)
 
-    # -- circuit breakers ----------------------------------------------------------------
-    breaker_fail_max: int = Field(5, ge=1, description="consecutive failures that open it")
-    breaker_reset_timeout_s: float = Field(2.0, gt=0)
-    breaker_success_threshold: int = Field(1, ge=1)
+    # A stage with less than this left is not attempted (fallback, reason "timeout"): no
+    # Redis or Triton call can answer in less. Loopback Redis answers an MGET in ~0.3 ms.
+    budget_min_attempt_ms: float = Field(1.0, ge=0)
+    # Reading the request body, before the budget starts (see api/routes.py): a client
+    # that has not sent its whole body by then gets 408. Two seconds covers a 300 kB body
+    # over a slow mobile link; a slow sender holds a connection, never an in-flight slot.
+    body_timeout_ms: float = Field(2_000.0, gt=0)
+
+    # -- circuit breakers (policy/breaker.py): rate over a window, Hystrix/resilience4j ---
+    breaker_failure_rate: float = Field(
+        0.5, gt=0, le=1, description="share of failed calls in the window that opens it"
+    )
+    breaker_min_calls: int = Field(
+        20, ge=1, description="calls the window must hold before the rate is judged"
+    )
+    breaker_window_s: float = Field(10.0, gt=0, description="sliding window length")
+    breaker_reset_timeout_s: float = Field(2.0, gt=0, description="how long it stays open")
+    breaker_half_open_probes: int = Field(
+        3, ge=1, description="probe calls let through half-open; all must succeed to close"
+    )
+    # A timeout counts against a dependency only if its call had at least this share of
+    # the stage's budget (else the client's deadline is to blame) ...
+    breaker_min_budget_share: float = Field(0.5, gt=0, le=1)
+    # ... and our event loop lagged less than this meanwhile (else we are to blame). The
+    # admission controller's lag target: past it, this process is the bottleneck.
+    breaker_max_loop_lag_ms: float = Field(5.0, gt=0)
 
     # -- admission control -------------------------------------------------------------
     max_inflight: int = Field(256, ge=1, description="requests in flight per worker before 503")
+
+    # -- readiness and dependency health (runtime.py) -----------------------------------
+    health_interval_s: float = Field(
+        2.0, gt=0, le=60, description="how often Redis and the model are checked in the background"
+    )
+    start_grace_s: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="ready at the latest this long after start, even if the "
+        "first dependency check has not finished",
+    )
 
     # -- shutdown ----------------------------------------------------------------------
     drain_delay_s: float = Field(
@@ -128,8 +165,32 @@ class Settings(BaseSettings):
         return self.redis_url is None and self.triton_url is None
 
 
+# Settings that existed once: a deployment that still sets one is told what replaced it.
+_RENAMED = {
+    "GATEWAY_BREAKER_FAIL_MAX": "GATEWAY_BREAKER_FAILURE_RATE and GATEWAY_BREAKER_MIN_CALLS",
+    "GATEWAY_BREAKER_SUCCESS_THRESHOLD": "GATEWAY_BREAKER_HALF_OPEN_PROBES",
+}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``GATEWAY_*`` variable that is not a setting (a typo, a removed one)."""
+    known = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields}
+    lines = []
+    for var in sorted(environ):
+        if var.startswith("GATEWAY_") and var not in known:
+            hint = f": replaced by {_RENAMED[var]}" if var in _RENAMED else ""
+            lines.append(f"{var} is not a setting and is ignored{hint}")
+    return lines
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment (and overrides); one clear line per bad value."""
+    """Build settings from the environment (and overrides); one clear line per bad value.
+
+    ``GATEWAY_*`` variables that are not settings are logged as warnings, not errors, so
+    a rollback to an older image with newer variables still starts.
+    """
+    for line in unknown_variables(os.environ):
+        logging.getLogger("gateway").warning("%s", line)
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

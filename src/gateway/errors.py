@@ -8,8 +8,10 @@
     │   └── PortInUse
     ├── RequestError                a bad request (4xx); never reaches Redis or Triton
     │   ├── InvalidRequest          422
+    │   ├── RequestTimeout          408: the body did not arrive in time
     │   ├── PayloadTooLarge         413
-    │   └── UnsupportedMediaType    415
+    │   ├── UnsupportedMediaType    415
+    │   └── ClientDisconnected      the client left while sending; nobody gets an answer
     ├── DependencyError             a downstream failure; the fallback answers instead
     │   ├── FeatureStoreError       Redis failed or returned something unusable
     │   │   ├── FeatureStoreTimeout
@@ -18,7 +20,8 @@
     │   ├── InferenceError          Triton or onnxruntime failed
     │   │   ├── InferenceTimeout
     │   │   └── InferenceUnavailable      Triton UNAVAILABLE / unreachable (transient)
-    │   └── CircuitOpen             the dependency's breaker is open; nothing was sent
+    │   ├── CircuitOpen             the dependency's breaker is open; nothing was sent
+    │   └── StageSkipped            too little of the budget left to try; nothing was sent
     └── Overloaded                  admission control shed the request (503)
 
 Library errors become ours in one place per dependency (``features/redis_store.py``,
@@ -72,11 +75,30 @@ class UnsupportedMediaType(RequestError):
     error = "unsupported_media_type"
 
 
+class RequestTimeout(RequestError):
+    status_code = 408
+    error = "request_timeout"
+
+
+class ClientDisconnected(RequestError):
+    """The client closed the connection before its body was complete."""
+
+    # nginx's "client closed request": never seen by the client, only in our accounting.
+    status_code = 499
+    error = "client_closed_request"
+
+
 class DependencyError(GatewayError):
-    """A downstream dependency failed; ``reason`` is the fallback reason it maps to."""
+    """A downstream dependency failed; ``reason`` is the fallback reason it maps to.
+
+    ``transient``: worth a retry inside the stage's deadline. ``timeout``: the dependency
+    did not answer in the time it was given (whether that counts against its breaker
+    depends on how much time that was; see ``pipeline.GuardedCall``).
+    """
 
     reason = "inference_error"
     transient = False
+    timeout = False
 
 
 class FeatureStoreError(DependencyError):
@@ -85,6 +107,8 @@ class FeatureStoreError(DependencyError):
 
 class FeatureStoreTimeout(FeatureStoreError):
     """Redis did not answer inside the features budget (still ``features_unavailable``)."""
+
+    timeout = True
 
 
 class FeatureStoreUnavailable(FeatureStoreError):
@@ -103,6 +127,7 @@ class InferenceError(DependencyError):
 
 class InferenceTimeout(InferenceError):
     reason = "timeout"
+    timeout = True
 
 
 class InferenceUnavailable(InferenceError):
@@ -115,6 +140,16 @@ class CircuitOpen(DependencyError):
     """The breaker for a dependency is open; the call was not attempted."""
 
     reason = "circuit_open"
+
+
+class StageSkipped(DependencyError):
+    """Less than the minimum attempt time was left for the stage: not attempted.
+
+    Not a failure of the dependency (it was never asked); the fallback answers with
+    reason ``timeout``.
+    """
+
+    reason = "timeout"
 
 
 class Overloaded(GatewayError):

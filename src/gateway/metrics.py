@@ -10,6 +10,7 @@ multiprocess mode), so one scrape sees every worker.
 from __future__ import annotations
 
 import os
+import re
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,6 +34,9 @@ ITEM_BUCKETS = (1, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 10_000)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+# How a /predict ended (the ``outcome`` label of gateway_request_duration_seconds).
+OUTCOMES = ("model", "fallback", "shed", "client_error", "error", "disconnected")
+
 
 class Metrics:
     """Every metric the gateway exports, registered on one registry."""
@@ -42,7 +46,9 @@ class Metrics:
         r = self.registry
         self.request_duration = Histogram(
             "gateway_request_duration_seconds",
-            "End-to-end /predict latency, by outcome.",
+            "End-to-end /predict latency, from the request's arrival to the last byte of "
+            "the answer, by outcome: model, fallback, shed (503 from admission control), "
+            "client_error (4xx), error (5xx), disconnected (the client left first).",
             ["outcome"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -74,7 +80,42 @@ class Metrics:
             "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
             ["dependency"],
             registry=r,
-            multiprocess_mode="max",
+            # livemax: a dead worker's last state must not stick (plain max kept it).
+            multiprocess_mode="livemax",
+        )
+        self.uncounted_timeouts = Counter(
+            "gateway_uncounted_timeouts_total",
+            "Dependency timeouts not charged to its breaker, by cause: client_deadline "
+            "(the call had under the set share of its stage budget) or loop_lag (this "
+            "process's event loop lagged meanwhile).",
+            ["dependency", "cause"],
+            registry=r,
+        )
+        self.dependency_up = Gauge(
+            "gateway_dependency_up",
+            "Whether the last background check of a dependency passed (1) or not (0).",
+            ["dependency"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.model_info = Gauge(
+            "gateway_model_info",
+            "The model version this gateway serves (value 1), refreshed by the health check.",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.admission_limit = Gauge(
+            "gateway_admission_limit",
+            "The adaptive in-flight limit (summed over workers).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.loop_lag = Gauge(
+            "gateway_event_loop_lag_seconds",
+            "Event-loop lag, smoothed as admission control sees it (worst worker).",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.inflight = Gauge(
             "gateway_inflight_requests",
@@ -104,13 +145,46 @@ class Metrics:
         )
         for stage in ("features", "inference", "postprocess"):
             self.stage_duration.labels(stage)
-        for outcome in ("model", "fallback", "error"):
+        for outcome in OUTCOMES:
             self.request_duration.labels(outcome)
+
+
+_LIVE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
+
+
+def forget_dead_workers(path: str) -> list[int]:
+    """Drop the ``live*`` gauge files of worker processes that no longer exist.
+
+    prometheus-client counts a ``live*`` gauge only for processes not yet passed to
+    ``mark_process_dead``; gunicorn calls it from a ``child_exit`` hook, uvicorn has no
+    such hook. So the scrape does it: a worker that died (and was replaced by uvicorn's
+    supervisor) would otherwise keep its last breaker state and in-flight count forever.
+    """
+    dead = set()
+    for name in os.listdir(path):
+        m = _LIVE_FILE.match(name)
+        if m and not _alive(int(m.group(1))):
+            dead.add(int(m.group(1)))
+    for pid in dead:
+        prom_mp.mark_process_dead(pid, path)
+    return sorted(dead)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def render(metrics: Metrics) -> tuple[bytes, str]:
     """The /metrics body: this process's registry, or every worker's in multiprocess mode."""
-    if os.environ.get(MULTIPROC_ENV):
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        forget_dead_workers(path)
         registry = CollectorRegistry()
         prom_mp.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -7,75 +7,43 @@
             ├─ postprocess (scores → response rows)
             └─ fallback   (rule-based, on whatever features arrived) when a stage fails
 
-Each dependency call runs inside :class:`GuardedCall`: the breaker outside, then
-``asyncio.timeout(min(stage budget, remaining total))``, then the retry loop, so
-retries sit inside the stage's deadline and in exactly one layer.
+Each dependency call runs inside a :class:`~gateway.policy.guard.GuardedCall`: the
+breaker outside, then ``asyncio.timeout(min(stage budget, remaining total))``, then the
+retry loop, so retries sit inside the stage's deadline and in exactly one layer. A
+stage with too little time left is not attempted. Stage latency is observed only for
+stages that called their dependency.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from gateway.config import Settings
 from gateway.errors import (
     CircuitOpen,
-    DependencyError,
     FeatureStoreError,
     FeatureStoreTimeout,
     InferenceError,
     InferenceTimeout,
+    StageSkipped,
 )
 from gateway.fallback import FallbackScorer
 from gateway.features.base import FeatureBatch, FeatureStore
 from gateway.inference.base import InferenceBackend
 from gateway.metrics import Metrics
-from gateway.policy.breaker import Breaker, BreakerState
+from gateway.policy.breaker import Breaker, BreakerConfig
 from gateway.policy.budget import Budget
+from gateway.policy.guard import Attribution, GuardedCall
 from gateway.policy.retry import RetryBudget, RetryPolicy
 from gateway.schema import SCHEMA, FeatureSchema
 
 log = logging.getLogger("gateway.pipeline")
-T = TypeVar("T")
-
-
-class GuardedCall:
-    """A dependency call under its breaker, the stage deadline and the retry policy."""
-
-    def __init__(
-        self,
-        dependency: str,
-        breaker: Breaker,
-        retry: RetryPolicy,
-        timeout_error: type[DependencyError],
-    ) -> None:
-        self.dependency = dependency
-        self.breaker = breaker
-        self.retry = retry
-        self._timeout_error = timeout_error
-
-    async def run(self, fn: Callable[[float], Awaitable[T]], timeout_s: float) -> T:
-        """Call ``fn(time_left_s)`` until it succeeds, fails for good, or time runs out."""
-        deadline = time.perf_counter() + timeout_s
-        with self.breaker.guard():
-            # A half-open breaker's trial call is a probe: one attempt, no retries, so a
-            # user request pays at most one failed call for it.
-            attempts = 1 if self.breaker.state is BreakerState.HALF_OPEN else None
-            try:
-                async with asyncio.timeout(timeout_s):
-                    return await self.retry.call(
-                        lambda: fn(max(1e-4, deadline - time.perf_counter())), deadline, attempts
-                    )
-            except TimeoutError as exc:
-                raise self._timeout_error(
-                    f"{self.dependency} did not answer within {timeout_s * 1e3:.1f} ms"
-                ) from exc
 
 
 @dataclass
@@ -121,6 +89,9 @@ class Pipeline:
         self.metrics = metrics
         self.schema = schema
         self.fallback = FallbackScorer(schema)
+        # Set by the gateway's health check when the store holds another feature schema:
+        # its vectors would be read with the wrong layout, so none are read.
+        self.features_blocked: str | None = None
         m = metrics
         self._obs_features = m.stage_duration.labels("features").observe
         self._obs_inference = m.stage_duration.labels("inference").observe
@@ -128,44 +99,53 @@ class Pipeline:
 
     async def _features(
         self, req: PredictInput, budget: Budget
-    ) -> tuple[FeatureBatch | None, dict[str, str] | None]:
+    ) -> tuple[FeatureBatch | None, dict[str, str] | None, bool]:
+        """(batch, fallback, whether Redis was called)."""
+        if self.features_blocked is not None:
+            return None, {"reason": "features_unavailable", "stage": "features"}, False
         try:
             batch = await self.features_call.run(
-                lambda _left: self.store.fetch(req.user_id, req.item_ids),
-                budget.stage_timeout("features"),
+                lambda _left: self.store.fetch(req.user_id, req.item_ids), budget, "features"
             )
-            return batch, None
+            return batch, None, True
+        except StageSkipped:
+            return None, {"reason": "timeout", "stage": "features"}, False
         except CircuitOpen:
-            return None, {"reason": "circuit_open", "stage": "features"}
+            return None, {"reason": "circuit_open", "stage": "features"}, False
         except FeatureStoreError as exc:
             log.debug("features failed: %s", exc)
-            return None, {"reason": "features_unavailable", "stage": "features"}
+            return None, {"reason": "features_unavailable", "stage": "features"}, True
+
+    async def _score(self, matrix: np.ndarray, left_s: float) -> np.ndarray:
+        scores = await self.backend.infer(matrix, left_s)
+        if not np.isfinite(scores).all():
+            # The model's failure (counted against its breaker), not a transport one.
+            raise InferenceError("the model returned non-finite scores")
+        return scores
 
     async def _inference(
         self, matrix: np.ndarray, budget: Budget
-    ) -> tuple[np.ndarray | None, dict[str, str] | None]:
-        timeout = budget.stage_timeout("inference")
-        if timeout <= 0:
-            return None, {"reason": "timeout", "stage": "inference"}
+    ) -> tuple[np.ndarray | None, dict[str, str] | None, bool]:
+        """(scores, fallback, whether the model was called)."""
         try:
             scores = await self.inference_call.run(
-                lambda left: self.backend.infer(matrix, left), timeout
+                lambda left: self._score(matrix, left), budget, "inference"
             )
+        except StageSkipped:
+            return None, {"reason": "timeout", "stage": "inference"}, False
         except CircuitOpen:
-            return None, {"reason": "circuit_open", "stage": "inference"}
+            return None, {"reason": "circuit_open", "stage": "inference"}, False
         except InferenceError as exc:
             log.debug("inference failed: %s", exc)
-            return None, {"reason": exc.reason, "stage": "inference"}
-        if not np.isfinite(scores).all():
-            return None, {"reason": "inference_error", "stage": "inference"}
-        return scores, None
+            return None, {"reason": exc.reason, "stage": "inference"}, True
+        return scores, None, True
 
     async def predict(self, req: PredictInput, budget: Budget) -> PredictResult:
         """Score ``req`` inside ``budget``; always returns (the fallback answers failures)."""
         n = len(req.item_ids)
         schema = self.schema
         t0 = time.perf_counter()
-        batch, fallback = await self._features(req, budget)
+        batch, fallback, features_called = await self._features(req, budget)
         t1 = time.perf_counter()
         if batch is None:
             user = schema.user.default_vector()
@@ -179,9 +159,10 @@ class Pipeline:
         matrix = schema.assemble(user, items, schema.encode_context(req.context))
 
         scores: np.ndarray | None = None
+        inference_called = False
         t_inf = time.perf_counter()
         if fallback is None:
-            scores, fallback = await self._inference(matrix, budget)
+            scores, fallback, inference_called = await self._inference(matrix, budget)
         t2 = time.perf_counter()
         if scores is None:
             assert fallback is not None  # no scores only ever comes with a reason
@@ -196,8 +177,11 @@ class Pipeline:
         ]
         t3 = time.perf_counter()
 
-        self._obs_features(t1 - t0)
-        if fallback is None or fallback["stage"] == "inference":
+        # Only stages that called their dependency are observed: a skipped stage or an
+        # open breaker would otherwise add near-zero samples and pull its quantiles down.
+        if features_called:
+            self._obs_features(t1 - t0)
+        if inference_called:
             self._obs_inference(t2 - t_inf)
         self._obs_post(t3 - t2)
         if missing_user:
@@ -228,20 +212,27 @@ def build_guarded_calls(
     features_dep: str,
     inference_dep: str,
     on_state_changed: Callable[[str, Any, Any], None],
+    loop_lag_since: Callable[[float], float],
 ) -> tuple[GuardedCall, GuardedCall]:
     """The features and inference GuardedCalls from settings, wired to metrics."""
+    attribution = Attribution(
+        min_attempt_s=settings.budget_min_attempt_ms / 1e3,
+        min_budget_share=settings.breaker_min_budget_share,
+        max_loop_lag_s=settings.breaker_max_loop_lag_ms / 1e3,
+    )
+    breaker_config = BreakerConfig(
+        failure_rate=settings.breaker_failure_rate,
+        min_calls=settings.breaker_min_calls,
+        window_s=settings.breaker_window_s,
+        open_s=settings.breaker_reset_timeout_s,
+        half_open_probes=settings.breaker_half_open_probes,
+    )
     calls = []
     for dep, timeout_error in (
         (features_dep, FeatureStoreTimeout),
         (inference_dep, InferenceTimeout),
     ):
-        breaker = Breaker(
-            dep,
-            fail_max=settings.breaker_fail_max,
-            reset_timeout_s=settings.breaker_reset_timeout_s,
-            success_threshold=settings.breaker_success_threshold,
-            on_state_changed=on_state_changed,
-        )
+        breaker = Breaker(dep, breaker_config, on_state_changed=on_state_changed)
         metrics.circuit_state.labels(dep).set(0)
         budget = RetryBudget(
             settings.retry_budget_ratio,
@@ -256,5 +247,19 @@ def build_guarded_calls(
             on_retry=metrics.retries.labels(dep).inc,
             on_exhausted=metrics.retry_budget_exhausted.labels(dep).inc,
         )
-        calls.append(GuardedCall(dep, breaker, retry, timeout_error))
+        uncounted = {
+            cause: metrics.uncounted_timeouts.labels(dep, cause).inc
+            for cause in ("client_deadline", "loop_lag")
+        }
+        calls.append(
+            GuardedCall(
+                dep,
+                breaker,
+                retry,
+                timeout_error,
+                attribution,
+                loop_lag_since=loop_lag_since,
+                on_uncounted=lambda cause, inc=uncounted: inc[cause](),  # type: ignore[misc]
+            )
+        )
     return calls[0], calls[1]

@@ -7,6 +7,7 @@ running event loop, and reused for every request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -14,10 +15,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from gateway.config import Settings
-from gateway.errors import GatewayError, Overloaded
+from gateway.errors import GatewayError, Overloaded, SchemaMismatch
 from gateway.features.base import FeatureStore
 from gateway.inference.base import InferenceBackend
-from gateway.metrics import Metrics
+from gateway.metrics import OUTCOMES, Metrics
 from gateway.pipeline import Pipeline, build_guarded_calls
 from gateway.policy.admission import AdaptiveLimit, LagMonitor
 from gateway.policy.breaker import BreakerState
@@ -25,8 +26,9 @@ from gateway.policy.budget import BudgetPolicy
 
 log = logging.getLogger("gateway")
 
-# Readiness probes must answer well inside a kubelet's default 1 s probe timeout.
-READINESS_TIMEOUT_S = 0.5
+# A background dependency check gives up after this: well inside the 2 s interval, and
+# far longer than a healthy Redis GET or Triton model-ready call (~1 ms).
+HEALTH_CHECK_TIMEOUT_S = 0.5
 
 
 def build_store(settings: Settings) -> FeatureStore:
@@ -71,9 +73,27 @@ def build_backend(settings: Settings) -> InferenceBackend:
 
 
 class Gateway:
-    """Everything a request needs, created once per process."""
+    """Everything a request needs, created once per process.
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    **Readiness means this process can answer**, from the model or from the fallback: it
+    is false while starting (until the first dependency check has finished, or
+    ``start_grace_s`` has passed) and while draining after SIGTERM, and never because a
+    shared dependency is down. Were it otherwise, a Redis or Triton outage would take
+    every gateway pod out of its Service at once, and clients would get connection
+    errors instead of the fallback answers the gateway exists to give. Dependency health
+    is checked in the background every ``health_interval_s``: it is in the ``/readyz``
+    body, in ``gateway_dependency_up`` and in the alerts, and it refreshes the served
+    model version (Triton may start after the gateway, or load a new version).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        store: FeatureStore | None = None,
+        backend: InferenceBackend | None = None,
+    ) -> None:
+        """``store`` and ``backend`` default to those the settings name (tests pass fakes)."""
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.budget_policy = BudgetPolicy.from_ms(
@@ -85,15 +105,18 @@ class Gateway:
         # Adaptive in-flight limit under the GATEWAY_MAX_INFLIGHT ceiling; see
         # policy/admission.py for why it follows event-loop lag rather than latency.
         self.admission = AdaptiveLimit(settings.max_inflight)
-        self._lag_monitor = LagMonitor(self.admission.on_lag)
+        self._lag_monitor = LagMonitor(self._on_lag)
         self.shutting_down = False
+        self._given = (store, backend)
         self._store: FeatureStore | None = None
         self._backend: InferenceBackend | None = None
         self._pipeline: Pipeline | None = None
-        self._observe = {
-            o: self.metrics.request_duration.labels(o).observe
-            for o in ("model", "fallback", "error")
-        }
+        self._health_task: asyncio.Task[None] | None = None
+        self._started_at = 0.0
+        self._first_check_done = False
+        self.health: dict[str, str | None] = {}  # dependency -> None (ok) or the error
+        self._model_label: tuple[str, str] | None = None
+        self._obs_outcome = {o: self.metrics.request_duration.labels(o).observe for o in OUTCOMES}
 
     @property
     def inflight(self) -> int:
@@ -105,15 +128,24 @@ class Gateway:
         return self._pipeline
 
     async def start(self) -> None:
-        store = build_store(self.settings)
-        backend = build_backend(self.settings)
+        store = self._given[0] or build_store(self.settings)
+        backend = self._given[1] or build_backend(self.settings)
         await backend.start()
         features_call, inference_call = build_guarded_calls(
-            self.settings, self.metrics, store.name, backend.name, self._on_breaker
+            self.settings,
+            self.metrics,
+            store.name,
+            backend.name,
+            self._on_breaker,
+            self._lag_monitor.max_lag_since,
         )
         self._store, self._backend = store, backend
         self._pipeline = Pipeline(store, backend, features_call, inference_call, self.metrics)
         self._lag_monitor.start()
+        self._started_at = time.monotonic()
+        self._health_task = asyncio.get_running_loop().create_task(
+            self._health_loop(), name="dependency-health"
+        )
         log.info(
             "gateway started: features from %s, inference by %s (model %s version %s)%s",
             store.name,
@@ -124,6 +156,10 @@ class Gateway:
         )
 
     async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
         await self._lag_monitor.stop()
         if self._store is not None:
             await self._store.close()
@@ -134,6 +170,13 @@ class Gateway:
         self.metrics.circuit_state.labels(name).set(int(new))
         level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
         log.log(level, "circuit breaker %s: %s -> %s", name, old.name.lower(), new.name.lower())
+
+    def _on_lag(self, lag_s: float) -> None:
+        self.admission.on_lag(lag_s)
+        self.metrics.admission_limit.set(int(self.admission.limit))
+        self.metrics.loop_lag.set(self.admission.lag_s)
+
+    # -- admission and accounting ------------------------------------------------------
 
     @contextmanager
     def admit(self) -> Iterator[None]:
@@ -153,34 +196,84 @@ class Gateway:
             self.admission.release()
             self.metrics.inflight.dec()
 
-    def observe(self, t0: float, outcome: str) -> None:
-        self._observe[outcome](time.perf_counter() - t0)
+    def observe(self, arrival: float, outcome: str) -> None:
+        """One /predict's end-to-end duration, from its arrival, by how it ended."""
+        self._obs_outcome[outcome](time.perf_counter() - arrival)
 
-    async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """(ready?, body). Checks the feature store and the model, concurrently."""
-        if self.shutting_down:
-            return False, {"status": "not_ready", "reason": "shutting down"}
-        if self._store is None or self._backend is None:
-            return False, {"status": "not_ready", "reason": "starting"}
+    # -- dependency health and readiness -----------------------------------------------
+
+    async def check_dependencies(self) -> dict[str, str | None]:
+        """Check Redis (reachable, our feature schema) and the model, concurrently."""
+        assert self._store is not None and self._backend is not None
         checks = {"features": self._store.check(), "model": self._backend.ready()}
         results = await asyncio.gather(
-            *(asyncio.wait_for(c, READINESS_TIMEOUT_S) for c in checks.values()),
+            *(asyncio.wait_for(c, HEALTH_CHECK_TIMEOUT_S) for c in checks.values()),
             return_exceptions=True,
         )
-        failed = {
-            name: (str(r) or type(r).__name__)
-            for name, r in zip(checks, results, strict=True)
-            if isinstance(r, BaseException)
-        }
-        body: dict[str, Any] = {
-            "features": self._store.name,
-            "inference": self._backend.name,
-            "model": {"name": self._backend.model_name, "version": self._backend.model_version},
-        }
-        if failed:
+        health: dict[str, str | None] = {}
+        for name, r in zip(checks, results, strict=True):
+            if isinstance(r, asyncio.CancelledError):
+                raise r
+            health[name] = (str(r) or type(r).__name__) if isinstance(r, BaseException) else None
+        feature_error = results[0]
+        # A store on another feature schema would be read with the wrong layout: the
+        # pipeline reads nothing from it (fallback) until it matches again.
+        self.pipeline.features_blocked = (
+            health["features"] if isinstance(feature_error, SchemaMismatch) else None
+        )
+        for name, error in health.items():
+            self.metrics.dependency_up.labels(name).set(0 if error else 1)
+        self._refresh_model_label()
+        changed = {k: v for k, v in health.items() if self.health.get(k, "") != v}
+        for name, error in changed.items():
+            if error:
+                log.warning("dependency %s: %s", name, error)
+            elif name in self.health:
+                log.info("dependency %s: ok again", name)
+        self.health = health
+        return health
+
+    def _refresh_model_label(self) -> None:
+        backend = self._backend
+        assert backend is not None
+        label = (backend.model_name, backend.model_version or "unknown")
+        if label != self._model_label:
+            if self._model_label is not None:
+                self.metrics.model_info.remove(*self._model_label)
+                log.info("serving model %s version %s", *label)
+            self.metrics.model_info.labels(*label).set(1)
+            self._model_label = label
+
+    async def _health_loop(self) -> None:
+        interval = self.settings.health_interval_s
+        while True:
+            try:
+                await self.check_dependencies()
+            except Exception:  # noqa: BLE001 - a bug here must not stop the checks
+                log.exception("dependency check failed")
+            self._first_check_done = True
+            await asyncio.sleep(interval)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready?, body): ready = this process can answer; dependencies only in the body."""
+        body: dict[str, Any] = {}
+        if self._store is not None and self._backend is not None:
             body.update(
-                status="not_ready", reason="; ".join(f"{k}: {v}" for k, v in failed.items())
+                features=self._store.name,
+                inference=self._backend.name,
+                model={"name": self._backend.model_name, "version": self._backend.model_version},
+                dependencies={
+                    name: {"ok": error is None, **({"error": error} if error else {})}
+                    for name, error in self.health.items()
+                },
             )
-            return False, body
-        body["status"] = "ready"
-        return True, body
+        if self.shutting_down:
+            return False, {**body, "status": "not_ready", "reason": "shutting down"}
+        if self._store is None or not (
+            self._first_check_done
+            or time.monotonic() - self._started_at >= self.settings.start_grace_s
+        ):
+            return False, {**body, "status": "not_ready", "reason": "starting"}
+        degraded = any(error is not None for error in self.health.values())
+        # Ready either way: a degraded gateway answers from the fallback.
+        return True, {**body, "status": "degraded" if degraded else "ready"}

@@ -46,3 +46,16 @@ def test_unknown_stage_is_rejected() -> None:
 
     with pytest.raises(ValueError, match="unknown stages"):
         BudgetPolicy.from_ms(50, decode=3)
+
+
+def test_client_deadline_counts_from_arrival_and_upload_time_is_its_own() -> None:
+    clock = Clock()
+    arrival = clock.t
+    clock.t += 0.030  # the body took 30 ms to arrive
+    # No header: the gateway's own 50 ms start now; the upload did not eat them.
+    assert policy().start(arrival=arrival, clock=clock).total_s == 0.050
+    # A 40 ms client deadline: 10 ms are left of it.
+    b = policy().start(40, arrival=arrival, clock=clock)
+    assert abs(b.total_s - 0.010) < 1e-9
+    # A deadline already gone: nothing left, never negative.
+    assert policy().start(20, arrival=arrival, clock=clock).total_s == 0.0

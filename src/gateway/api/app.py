@@ -7,6 +7,7 @@ import gc
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -15,10 +16,10 @@ from typing import Any
 import orjson
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import errors
-from gateway.api.routes import router
+from gateway.api.routes import ARRIVAL_KEY, OUTCOME_KEY, router
 from gateway.api.schemas import request_model
 from gateway.config import Settings, load_settings
 from gateway.runtime import Gateway
@@ -37,14 +38,18 @@ _SHED_HEADERS = [
 ]
 
 
-class ShedMiddleware:
-    """Answer /predict with 503 before routing when admission control is full.
+class PredictMiddleware:
+    """/predict's outer layer: arrival time, the shed fast path, end-to-end accounting.
 
-    Shedding must cost far less than serving, or at 3x capacity the loop spends itself
-    on refusals: through FastAPI's routing and exception handlers a 503 costs about as
-    much CPU as a small /predict. Here it is one comparison and two ASGI messages. The
-    route's ``Gateway.admit()`` stays the authority (it takes the slot); this is the
-    fast path for the common case that the limit is already reached.
+    * Stamps the request's arrival (the start of a client deadline; ``policy/budget.py``).
+    * Answers 503 before routing when admission control is full. Shedding must cost far
+      less than serving, or at 3x capacity the loop spends itself on refusals: through
+      FastAPI's routing and exception handlers a 503 costs about as much CPU as a small
+      /predict. Here it is one comparison and two ASGI messages. The route's
+      ``Gateway.admit()`` stays the authority (it takes the slot).
+    * Observes ``gateway_request_duration_seconds`` for every request, whatever the
+      outcome: model, fallback, shed, client_error, error (5xx, exceptions included),
+      disconnected (the client left, or the request was cancelled).
     """
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
@@ -52,13 +57,44 @@ class ShedMiddleware:
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/predict":
-            if self.gateway.admission.full():
-                self.gateway.metrics.shed.inc()
-                await send({"type": "http.response.start", "status": 503, "headers": _SHED_HEADERS})
-                await send({"type": "http.response.body", "body": _SHED_BODY})
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] != "/predict":
+            await self.app(scope, receive, send)
+            return
+        gw = self.gateway
+        arrival = time.perf_counter()
+        if gw.admission.full():
+            gw.metrics.shed.inc()
+            await send({"type": "http.response.start", "status": 503, "headers": _SHED_HEADERS})
+            await send({"type": "http.response.body", "body": _SHED_BODY})
+            gw.observe(arrival, "shed")
+            return
+        state = scope.setdefault("state", {})
+        state[ARRIVAL_KEY] = arrival
+        status = 0
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        outcome = "error"
+        try:
+            await self.app(scope, receive, send_status)
+            outcome = state.get(OUTCOME_KEY) or _outcome_of(status)
+        except asyncio.CancelledError:
+            outcome = "disconnected"
+            raise
+        finally:
+            gw.observe(arrival, outcome)
+
+
+def _outcome_of(status: int) -> str:
+    if status == 503:
+        return "shed"
+    if 400 <= status < 500:
+        return "client_error"
+    return "error"
 
 
 def _document_plain_endpoints(schema: dict[str, Any]) -> None:
@@ -74,7 +110,8 @@ def _document_plain_endpoints(schema: dict[str, Any]) -> None:
     readyz = paths.get("/readyz", {}).get("get")
     if readyz:
         readyz["responses"]["503"] = {
-            "description": "not ready: a dependency is down, or the gateway is shutting down",
+            "description": "not ready: starting, or draining after SIGTERM (never because a "
+            "dependency is down: the fallback answers then, and the body says so)",
             "content": {"application/json": {"schema": {"type": "object"}}},
         }
 
@@ -151,7 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.gateway = gateway
     app.include_router(router)
-    app.add_middleware(ShedMiddleware, gateway=gateway)
+    app.add_middleware(PredictMiddleware, gateway=gateway)
     errors.install(app)
 
     def openapi() -> dict:

@@ -15,7 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from gateway.errors import GatewayError, Overloaded, RequestError
+from gateway.api.routes import OUTCOME_KEY
+from gateway.errors import ClientDisconnected, GatewayError, Overloaded, RequestError
 
 log = logging.getLogger("gateway.api")
 
@@ -33,12 +34,20 @@ def error_response(
 
 async def _request_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestError)
-    log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.message)
+    if isinstance(exc, ClientDisconnected):
+        # Nobody is there to read an answer; not even the client's mistake to warn about.
+        request.scope.setdefault("state", {})[OUTCOME_KEY] = "disconnected"
+        log.debug("%s %s: %s", request.method, request.url.path, exc.message)
+    else:
+        log.warning(
+            "%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.message
+        )
     return error_response(exc.status_code, exc.error, exc.message, exc.detail)
 
 
 async def _overloaded(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Overloaded)
+    request.scope.setdefault("state", {})[OUTCOME_KEY] = "shed"
     return error_response(
         503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
     )

@@ -84,15 +84,20 @@ class TritonBackend:
             grpc_target(self.url), channel_args=channel_args
         )
         try:
-            meta = await self._client.get_model_metadata(
-                self.model_name, self._requested_version, client_timeout=1.0
-            )
-            versions = list(meta.versions)
-            if versions and not self._requested_version:
-                self.model_version = max(versions, key=lambda v: int(v) if v.isdigit() else -1)
+            await self._learn_version()
         except InferenceServerException:
-            # Triton may start after us; readiness reports it and the breaker handles it.
+            # Triton may start after us: the health check learns the version later, and
+            # the breaker and the fallback handle requests meanwhile.
             pass
+
+    async def _learn_version(self) -> None:
+        """The version Triton serves when none was asked for: its newest ready one."""
+        if self._requested_version:
+            return
+        meta = await self._c().get_model_metadata(self.model_name, "", client_timeout=1.0)
+        versions = list(meta.versions)
+        if versions:
+            self.model_version = max(versions, key=lambda v: int(v) if v.isdigit() else -1)
 
     def _c(self) -> grpcclient.InferenceServerClient:
         if self._client is None:
@@ -128,6 +133,12 @@ class TritonBackend:
             raise _map_error(exc) from exc
         if not ok:
             raise InferenceUnavailable(f"model {self.model_name} is not ready on triton")
+        try:
+            # Called by the background health check: follows a Triton that started after
+            # us or loaded a new version.
+            await self._learn_version()
+        except InferenceServerException as exc:
+            raise _map_error(exc) from exc
 
     async def close(self) -> None:
         if self._client is not None:

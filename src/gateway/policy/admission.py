@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 Clock = Callable[[], float]
@@ -37,9 +38,12 @@ Clock = Callable[[], float]
 # Lag samples: one timer every 10 ms costs ~100 wakeups/s, a few tenths of a percent of
 # a core, and reacts within tens of milliseconds.
 LAG_INTERVAL_S = 0.010
-# 10 ms of loop lag = a fifth of the default 50 ms budget spent waiting for the CPU,
-# while the requests themselves need ~2-10 ms: past that, deadlines start to be missed.
+# 5 ms of loop lag = a tenth of the default 50 ms budget spent waiting for the CPU, while
+# the requests themselves need ~2-10 ms: past that, deadlines start to be missed.
 LAG_TARGET_S = 0.005
+# Lag samples kept for :meth:`LagMonitor.max_lag_since`: 1 s at the 10 ms interval, longer
+# than any stage budget.
+LAG_HISTORY = 100
 # The lag is smoothed over ~4 samples (40 ms), so a single GC pause does not shed.
 SMOOTHING = 0.25
 DECREASE = 0.9
@@ -89,7 +93,12 @@ class AdaptiveLimit:
 
 
 class LagMonitor:
-    """Measures event-loop lag every ``interval`` and feeds it to ``sink``."""
+    """Measures event-loop lag every ``interval`` and feeds it to ``sink``.
+
+    Keeps the last second of samples, so a dependency call that timed out can ask how
+    much the loop lagged while it ran (:meth:`max_lag_since`): a timeout that our own
+    busy loop caused is not the dependency's failure.
+    """
 
     def __init__(
         self,
@@ -102,13 +111,32 @@ class LagMonitor:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self.last_lag_s = 0.0
+        self._recent: deque[tuple[float, float]] = deque(maxlen=LAG_HISTORY)
+
+    def sample(self, t0: float, now: float) -> None:
+        """One sample: a timer set at ``t0`` for ``interval`` fired at ``now``."""
+        self.last_lag_s = max(0.0, now - t0 - self._interval)
+        self._recent.append((now, self.last_lag_s))
+        self._sink(self.last_lag_s)
+
+    def max_lag_since(self, t: float) -> float:
+        """The largest lag among samples taken at or after clock time ``t``.
+
+        A sample taken at ``now`` measures a stall that may have begun up to one
+        interval before ``t``; counting it is the cautious side (the stall overlapped).
+        """
+        worst = 0.0
+        for at, lag in reversed(self._recent):
+            if at < t:
+                break
+            worst = max(worst, lag)
+        return worst
 
     async def _run(self) -> None:
         while True:
             t0 = self._clock()
             await asyncio.sleep(self._interval)
-            self.last_lag_s = max(0.0, self._clock() - t0 - self._interval)
-            self._sink(self.last_lag_s)
+            self.sample(t0, self._clock())
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="lag-monitor")

@@ -1,9 +1,17 @@
 """Deadline budgets: one total deadline per request, a limit per stage inside it.
 
-A :class:`Budget` is created when a request arrives. Each stage asks it for
-:meth:`Budget.stage_timeout` — the smaller of the stage's own limit and what is left
+A :class:`Budget` is created once the request's body has been read. Each stage asks it
+for :meth:`Budget.stage_timeout` — the smaller of the stage's own limit and what is left
 of the total — and runs under ``asyncio.timeout`` of that. What remains travels
 downstream (Triton's per-request timeout, the gRPC deadline).
+
+**The budget clock.** The total budget (``GATEWAY_BUDGET_TOTAL_MS``) is the gateway's
+own time: it starts when the whole body has arrived, so time a client spends uploading
+never eats the stages' time. A client's ``X-Request-Timeout-Ms`` is that client's
+deadline and is measured from the request's *arrival* (its headers): a client that
+sends its body late spends its own deadline, and its stages get less time, whose
+timeouts are then not charged to Redis or Triton (``policy/guard.py``). Either way a
+client that sends late can hurt only its own request.
 """
 
 from __future__ import annotations
@@ -32,13 +40,22 @@ class BudgetPolicy:
         return cls(total_ms / 1e3, {k: v / 1e3 for k, v in stage_ms.items()})
 
     def start(
-        self, header_timeout_ms: float | None = None, clock: Clock = time.perf_counter
+        self,
+        header_timeout_ms: float | None = None,
+        arrival: float | None = None,
+        clock: Clock = time.perf_counter,
     ) -> Budget:
-        """Start a request's budget; a client's timeout header only ever tightens it."""
+        """Start a request's budget now (its body has been read).
+
+        A client's timeout header only ever tightens it, counted from ``arrival`` (the
+        clock time its headers arrived; now if not given).
+        """
+        now = clock()
         total = self.total_s
         if header_timeout_ms is not None:
-            total = min(total, header_timeout_ms / 1e3)
-        return Budget(self, total, clock(), clock)
+            spent = 0.0 if arrival is None else now - arrival
+            total = min(total, header_timeout_ms / 1e3 - spent)
+        return Budget(self, max(0.0, total), now, clock)
 
 
 class Budget:
