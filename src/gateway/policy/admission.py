@@ -14,11 +14,18 @@ Why adaptive, and why this signal:
   this process: the breakers, deadlines and the fallback handle it, and shedding then
   would turn degraded-but-answered requests into 503s. What overloads *this* process is
   its one event loop running out of CPU, and that shows directly as loop lag: a timer
-  set for ``interval`` fires late. So the limiter watches the lag, Vegas-style:
-  smoothed lag above ``lag_target`` means a queue of runnable work has formed, and the limit
-  shrinks multiplicatively (x0.9 per sample); lag under target while the limit is
-  actually binding grows it additively (+1 per sample). AIMD converges to the
-  concurrency the loop can serve without queueing, and recovers within a second.
+  set for ``interval`` fires late.
+* **A burst is not overload** (CoDel's insight, Nichols and Jacobson 2012): twenty
+  requests arriving together make the loop lag for the ~25 ms it takes to serve them,
+  then it is idle again; a *standing* queue keeps it lagging. So the limiter looks at the
+  *minimum* lag over the last ``STANDING_WINDOW`` samples (100 ms, longer than a burst
+  takes to serve): above ``lag_target`` a standing queue has formed, and the limit
+  shrinks multiplicatively (x0.9 per sample); otherwise it grows additively (+1 per
+  sample) while it binds, and back towards its initial value when it does not. (The
+  smoothed lag it used before ratcheted the limit down a little at every burst and
+  never grew it back without saturation: under locust-style bursts it ended at the
+  floor and shed healthy traffic.) AIMD converges to the concurrency the loop can
+  serve without a standing queue, and recovers within a second.
 * ``GATEWAY_MAX_INFLIGHT`` stays the hard ceiling (an operator's static cap still
   works); the floor keeps a few requests flowing so the lag signal never starves.
 
@@ -44,7 +51,10 @@ LAG_TARGET_S = 0.005
 # Lag samples kept for :meth:`LagMonitor.max_lag_since`: 1 s at the 10 ms interval, longer
 # than any stage budget.
 LAG_HISTORY = 100
-# The lag is smoothed over ~4 samples (40 ms), so a single GC pause does not shed.
+# Standing lag = the minimum of the last 10 samples (100 ms): a burst, a GC pause or a
+# slow request raises single samples, only a standing queue raises all of them.
+STANDING_WINDOW = 10
+# The exported lag is smoothed over ~4 samples (40 ms), for dashboards.
 SMOOTHING = 0.25
 DECREASE = 0.9
 FLOOR = 4
@@ -64,10 +74,12 @@ class AdaptiveLimit:
     ) -> None:
         self.ceiling = ceiling
         self.floor = min(floor, ceiling)
-        self.limit = float(max(self.floor, min(initial, ceiling)))
+        self.initial = float(max(self.floor, min(initial, ceiling)))
+        self.limit = self.initial
         self.lag_target_s = lag_target_s
         self.inflight = 0
-        self.lag_s = 0.0  # smoothed
+        self.lag_s = 0.0  # smoothed, for dashboards
+        self._recent: deque[float] = deque(maxlen=STANDING_WINDOW)
 
     def full(self) -> bool:
         """Whether a request arriving now would be shed."""
@@ -83,12 +95,18 @@ class AdaptiveLimit:
     def release(self) -> None:
         self.inflight -= 1
 
+    @property
+    def standing_lag_s(self) -> float:
+        """The lag every recent sample had: a standing queue of runnable work."""
+        return min(self._recent, default=0.0)
+
     def on_lag(self, lag_s: float) -> None:
-        """One lag sample: shrink on queueing, grow while the limit is what binds."""
+        """One lag sample: shrink on a standing queue, grow while the limit binds."""
         self.lag_s += SMOOTHING * (lag_s - self.lag_s)
-        if self.lag_s > self.lag_target_s:
+        self._recent.append(lag_s)
+        if self.standing_lag_s > self.lag_target_s:
             self.limit = max(float(self.floor), self.limit * DECREASE)
-        elif self.inflight >= int(self.limit) - 1:
+        elif self.inflight >= int(self.limit) - 1 or self.limit < self.initial:
             self.limit = min(float(self.ceiling), self.limit + 1.0)
 
 
