@@ -94,22 +94,22 @@ def rendered(results: dict, doc_path: Path) -> str:
     return f"{before}{START}\n{table(results)}\n{END}{after}"
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], docs: tuple[Path, ...] = DOCS, docs_results: Path = DOCS_RESULTS) -> int:
     if len(argv) != 2 or argv[1].startswith("-"):
         print(f"usage: {argv[0]} RESULTS_JSON  (e.g. .results/resilience-results.json)")
         return 2
     src = Path(argv[1])
     try:
         results = load_results(src)
-        texts = {doc: rendered(results, doc) for doc in DOCS}  # all checked before any write
+        texts = {doc: rendered(results, doc) for doc in docs}  # all checked before any write
     except TableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for doc, text in texts.items():
         doc.write_text(text)
-    if src.resolve() != DOCS_RESULTS.resolve():
-        shutil.copyfile(src, DOCS_RESULTS)
-    names = ", ".join(str(d.relative_to(ROOT)) for d in DOCS)
+    if src.resolve() != docs_results.resolve():
+        shutil.copyfile(src, docs_results)
+    names = ", ".join(str(d) for d in docs)
     print(f"{len(results['scenarios'])} scenarios from {src} -> {names}")
     return 0
 
