@@ -1,20 +1,28 @@
 #!/usr/bin/env python3
-"""Render docs/resilience-results.json (written by the resilience tests) as the summary
-table in docs/resilience.md, between the ``results:start``/``results:end`` markers.
+"""Render a resilience results file as the summary tables in the docs.
 
-The tests call :func:`render` after each scenario, so the table always shows the last
-run; run this by hand after editing the document's text.
+    scripts/resilience_table.py .results/resilience-results.json
+
+The resilience tests write each passing scenario's row to
+``$GATEWAY_RESULTS_DIR/resilience-results.json`` (default ``.results/``, ignored by git);
+the test suite never writes the docs. This script, run by hand after a run that
+passed, replaces the table between the ``results:start``/``results:end`` markers in
+docs/resilience.md and in README.md (its Resilience section), and copies the results
+file to docs/resilience-results.json, so that the committed numbers and the committed
+tables are the same run's. Rendering docs/resilience-results.json itself just redraws
+the tables (after editing the documents' text, say).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "resilience-results.json"
-DOC = ROOT / "docs" / "resilience.md"
+DOCS_RESULTS = ROOT / "docs" / "resilience-results.json"
+DOCS = (ROOT / "docs" / "resilience.md", ROOT / "README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 # Table order: the issue's order; scenarios not listed follow alphabetically.
@@ -45,6 +53,10 @@ COLUMNS = [
 ]
 
 
+class TableError(Exception):
+    """A results file or a document this script cannot use; one line for the user."""
+
+
 def table(results: dict) -> str:
     rows = results.get("scenarios", {})
     names = [n for n in ORDER if n in rows] + sorted(n for n in rows if n not in ORDER)
@@ -58,19 +70,49 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def render(results_path: Path = RESULTS, doc_path: Path = DOC) -> bool:
-    """Rewrite the table in ``doc_path``; False when the document or markers are missing."""
-    if not results_path.exists() or not doc_path.exists():
-        return False
+def load_results(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise TableError(f"no results file {path} (run the resilience tests first)") from exc
+    except (OSError, ValueError) as exc:
+        raise TableError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("scenarios"), dict):
+        raise TableError(f"{path} has no 'scenarios' object: not a resilience results file")
+    if not data["scenarios"]:
+        raise TableError(f"{path} holds no scenario")
+    return data
+
+
+def rendered(results: dict, doc_path: Path) -> str:
+    """``doc_path``'s text with the table between its markers replaced."""
     text = doc_path.read_text()
-    if START not in text or END not in text:
-        return False
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise TableError(f"{doc_path} needs one {START} ... {END} pair around its table")
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)
-    body = table(json.loads(results_path.read_text()))
-    doc_path.write_text(f"{before}{START}\n{body}\n{END}{after}")
-    return True
+    return f"{before}{START}\n{table(results)}\n{END}{after}"
+
+
+def main(argv: list[str], docs: tuple[Path, ...] = DOCS, docs_results: Path = DOCS_RESULTS) -> int:
+    if len(argv) != 2 or argv[1].startswith("-"):
+        print(f"usage: {argv[0]} RESULTS_JSON  (e.g. .results/resilience-results.json)")
+        return 2
+    src = Path(argv[1])
+    try:
+        results = load_results(src)
+        texts = {doc: rendered(results, doc) for doc in docs}  # all checked before any write
+    except TableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for doc, text in texts.items():
+        doc.write_text(text)
+    if src.resolve() != docs_results.resolve():
+        shutil.copyfile(src, docs_results)
+    names = ", ".join(str(d) for d in docs)
+    print(f"{len(results['scenarios'])} scenarios from {src} -> {names}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(0 if render() else 1)
+    sys.exit(main(sys.argv))

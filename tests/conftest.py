@@ -7,8 +7,18 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from gateway.features.loader import load
+from tests import loadgen
 from tests.faultproxy import ProxyProcess
 from tests.procs import GatewayServer, RedisServer, TritonServer
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """Resilience rows (tests/loadgen.py ``record``) are written only for a passed test."""
+    report = yield
+    if report.when == "call":
+        loadgen.settle(passed=report.passed)
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,12 @@
 """Bounded loopback load for the resilience tests, and the per-scenario results file.
 
+Results: a test calls :func:`record` with its scenario's row; the row is held until the
+test's call phase ends and written only if it passed (``settle``, called from the
+``pytest_runtest_makereport`` hook in conftest.py). They go to
+``$GATEWAY_RESULTS_DIR/resilience-results.json`` (default ``<repo>/.results/``, ignored
+by git), never into tracked files: ``scripts/resilience_table.py FILE`` turns a results
+file into the docs' tables.
+
 A minimal HTTP/1.1 keep-alive client on asyncio streams (no httpx: its per-request CPU
 cost is several times the gateway's on this 2-core machine, and it would be the
 bottleneck). :class:`Load` runs it in a thread with its own event loop, so the test's
@@ -11,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -25,7 +31,12 @@ import orjson
 import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "resilience-results.json"
+RESULTS_NAME = "resilience-results.json"
+
+
+def results_path() -> Path:
+    """Where passing scenarios' rows go: ``$GATEWAY_RESULTS_DIR`` or ``<repo>/.results``."""
+    return Path(os.environ.get("GATEWAY_RESULTS_DIR") or ROOT / ".results") / RESULTS_NAME
 
 
 @dataclass
@@ -219,25 +230,28 @@ def summarize(recs: list[Rec], dropped: int = 0) -> dict:
 
 
 _lock = threading.Lock()
+_pending: dict[str, dict] = {}
 
 
 def record(scenario: str, row: dict) -> None:
-    """Merge one scenario's row into docs/resilience-results.json (the docs table's source)."""
-    if os.environ.get("GATEWAY_RESULTS_OFF"):
-        return
+    """Hold one scenario's row; it is written when the running test passes (``settle``)."""
     with _lock:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        data.setdefault("scenarios", {})[scenario] = {
-            **row,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        RESULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        # Keep the docs table in step with the results (scripts/resilience_table.py).
-        spec = importlib.util.spec_from_file_location(
-            "resilience_table", ROOT / "scripts" / "resilience_table.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.render()
+        _pending[scenario] = {**row, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def settle(passed: bool) -> None:
+    """End of a test's call phase: merge its held rows into the results file if it
+    passed, drop them if not (a failed run's numbers never reach a table)."""
+    with _lock:
+        rows = dict(_pending)
+        _pending.clear()
+    if not rows or not passed or os.environ.get("GATEWAY_RESULTS_OFF"):
+        return
+    path = results_path()
+    with _lock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.setdefault("scenarios", {}).update(rows)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)  # a reader never sees half a file

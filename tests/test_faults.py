@@ -11,7 +11,8 @@ then the same checks:
 * after the fault ends, the model answers again within the breaker reset + 2 s;
 * retries counted in ``gateway_retries_total`` stay within the retry budget.
 
-Each scenario's numbers go to ``docs/resilience-results.json`` (the docs table).
+A passing scenario's numbers go to the results file (``tests/loadgen.py``), the source
+of the docs table.
 """
 
 from __future__ import annotations

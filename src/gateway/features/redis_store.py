@@ -1,6 +1,9 @@
 """Redis feature store: one MGET per request (one round trip), packed vectors.
 
-Every redis-py error is converted to ours here and nowhere else (``_mapped``).
+Every exception out of a redis-py call is converted to ours here and nowhere else
+(``_mapped``): a failing store is a fallback reason, never a 500. That includes the
+cluster client's errors that are not ``RedisError`` (``RedisClusterException`` and its
+``SlotNotCoveredError``), and anything else it may raise; only cancellation passes.
 redis-py's own retries are off (``Retry(NoBackoff(), 0)``): the gateway retries in
 one layer, its own, inside the stage deadline. Timeouts are explicit.
 A call cancelled by the stage timeout makes redis-py disconnect that connection
@@ -10,15 +13,23 @@ request; a test checks this with ``CLIENT PAUSE``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ChildDeadlockedError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import (
@@ -31,18 +42,49 @@ from gateway.features import codec
 from gateway.features.base import FeatureBatch
 from gateway.schema import SCHEMA, FeatureSchema
 
+log = logging.getLogger("gateway.features")
+
+# After a request met a slot no node serves, the client's slot map is read again from
+# the cluster, at most this often. redis-py reads it again only on MOVED, CLUSTERDOWN or
+# a dropped connection, and a key whose slot has no node is never sent, so none of those
+# come: a slot assigned again would stay unserved for good. A read is one CLUSTER SLOTS
+# round trip, off the request path; 1 s bounds both its rate and how long a slot
+# assigned again stays unserved here.
+SLOT_MAP_REFRESH_S = 1.0
+
 
 @contextmanager
-def _mapped() -> Iterator[None]:
-    """Convert redis-py's errors to ours (its TimeoutError is not the builtin one)."""
+def _mapped(cluster: bool = False) -> Iterator[None]:
+    """Convert every exception of a redis-py call to a FeatureStoreError subclass.
+
+    redis-py 8's tree (``redis/exceptions.py``): ``RedisError`` holds the connection,
+    timeout and server-reply errors, the cluster's ``ClusterDownError``,
+    ``MasterDownError``, ``MovedError``/``AskError``/``TryAgainError`` (``ResponseError``)
+    and ``ClusterError``; ``RedisClusterException`` (``SlotNotCoveredError``: a key in a
+    slot no node serves; "cannot be connected" when no startup node answers; "Cluster
+    mode is not enabled") is a separate root, as are ``ChildDeadlockedError`` and
+    ``IncorrectPolicyType``. Its TimeoutError is not the builtin one. CancelledError is a
+    BaseException and passes: the stage timeout and shutdown rely on it.
+
+    ``cluster``: a bare ``KeyError`` (the slot number) from the cluster client means a
+    key's slot is served by no node: redis-py 8's async ``get_node_from_slot`` means to
+    raise SlotNotCoveredError there but catches only IndexError/TypeError around a dict
+    lookup (redis-py issue #4296); the uncovered-slot test meets it on every such key.
+    """
     try:
         yield
+    except FeatureStoreError:
+        raise
+    except KeyError as exc:
+        if not cluster:
+            raise _unexpected(exc) from exc
+        raise FeatureStoreError(f"redis cluster: no node serves slot {exc}") from exc
     except (RedisTimeoutError, TimeoutError) as exc:
         raise FeatureStoreTimeout(f"redis timed out: {exc}") from exc
     except (RedisConnectionError, ConnectionError, OSError) as exc:
         raise FeatureStoreUnavailable(f"redis unreachable: {exc}") from exc
-    except RedisError as exc:
-        raise FeatureStoreError(f"redis error: {exc}") from exc
+    except (RedisError, RedisClusterException, ChildDeadlockedError) as exc:
+        raise FeatureStoreError(f"redis error: {type(exc).__name__}: {exc}") from exc
     except RuntimeError as exc:
         # uvloop raises RuntimeError("unable to perform operation on <TCPTransport
         # closed=True ...>; the handler is closed") when redis-py writes to a connection
@@ -51,7 +93,22 @@ def _mapped() -> Iterator[None]:
         # fault test, where it surfaced as a 500.
         if "closed" in str(exc):
             raise FeatureStoreUnavailable(f"redis connection closed: {exc}") from exc
-        raise
+        raise _unexpected(exc) from exc
+    except Exception as exc:
+        raise _unexpected(exc) from exc
+
+
+_warned: set[type[BaseException]] = set()
+
+
+def _unexpected(exc: Exception) -> FeatureStoreError:
+    # Not one of redis-py's documented errors: still a failed store (the fallback
+    # answers), but worth a log line, since it may be a bug on either side. Once per
+    # exception type: a broken store fails every request the same way.
+    msg = f"unexpected error from the redis client: {type(exc).__name__}: {exc}"
+    log.log(logging.DEBUG if type(exc) in _warned else logging.WARNING, "%s", msg)
+    _warned.add(type(exc))
+    return FeatureStoreError(msg)
 
 
 def client_kwargs(
@@ -97,6 +154,8 @@ class RedisFeatureStore:
     ) -> None:
         self._schema = schema
         self._cluster = cluster
+        self._refresh: asyncio.Task[None] | None = None
+        self._refreshed_at = -SLOT_MAP_REFRESH_S
         kwargs = client_kwargs(connect_timeout_s, socket_timeout_s, max_connections)
         if cluster:
             from redis.asyncio.cluster import RedisCluster
@@ -105,7 +164,11 @@ class RedisFeatureStore:
             # Cluster-level retries (MOVED/ASK handling aside) off too: redis-py's
             # RedisCluster takes ``retry`` for them; it has no ``retry_on_timeout``.
             kwargs.pop("retry_on_timeout")
-            self._client: Any = RedisCluster.from_url(url, **kwargs)
+            # A slot no node serves fails only the requests whose keys hash there (the
+            # fallback answers them): nodes with cluster-require-full-coverage=no go on
+            # serving the other slots. With redis-py's default (True) the client refuses
+            # to initialise while any slot is uncovered, and every request fails.
+            self._client: Any = RedisCluster.from_url(url, require_full_coverage=False, **kwargs)
         else:
             pool = redis.BlockingConnectionPool.from_url(
                 url,
@@ -118,9 +181,36 @@ class RedisFeatureStore:
     def client(self) -> Any:
         return self._client
 
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """``_mapped``; on a cluster, a slot with no node also has the slot map read again."""
+        with _mapped(self._cluster):
+            try:
+                yield
+            except (SlotNotCoveredError, KeyError):
+                if self._cluster:
+                    self._refresh_slot_map()
+                raise
+
+    def _refresh_slot_map(self) -> None:
+        now = time.monotonic()
+        if (self._refresh is not None and not self._refresh.done()) or (
+            now - self._refreshed_at < SLOT_MAP_REFRESH_S
+        ):
+            return
+        self._refreshed_at = now
+        self._refresh = asyncio.get_running_loop().create_task(self._read_slot_map())
+
+    async def _read_slot_map(self) -> None:
+        try:
+            # redis-py's own refresh: CLUSTER SLOTS from a known node; keeps the pools.
+            await self._client.nodes_manager.initialize()
+        except Exception as exc:  # the next miss tries again
+            log.debug("redis cluster slot map not read: %s: %s", type(exc).__name__, exc)
+
     async def fetch(self, user_id: str, item_ids: list[str]) -> FeatureBatch:
         keys = [codec.user_key(user_id)] + [codec.item_key(i) for i in item_ids]
-        with _mapped():
+        with self._guarded():
             if self._cluster:
                 # Groups keys by slot and sends one pipelined batch per node.
                 values = await self._client.mget_nonatomic(keys)
@@ -129,7 +219,7 @@ class RedisFeatureStore:
         return codec.decode(values[0], values[1:], self._schema)
 
     async def check(self) -> None:
-        with _mapped():
+        with self._guarded():
             stored = await self._client.get(codec.VERSION_KEY)
         if stored is None:
             raise SchemaMismatch(
@@ -143,7 +233,11 @@ class RedisFeatureStore:
             )
 
     async def close(self) -> None:
-        with _mapped():
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._refresh
+        with _mapped(self._cluster):
             if self._cluster:
                 await self._client.aclose()
             else:

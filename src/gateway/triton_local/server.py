@@ -13,10 +13,36 @@ the Python backend. This module:
    interpreter, sets LD_LIBRARY_PATH and PYTHONPATH the way the binary needs them;
 4. starts the server, waits for ``/v2/health/ready``, prints where it listens, and
    forwards SIGTERM/SIGINT to it.
+
+Nothing outlives the launcher, however it ends (normal exit, SIGTERM, SIGKILL):
+
+- tritonserver gets ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` between fork and exec, so the
+  kernel kills it when the launcher dies, SIGKILL included. (The signal follows the
+  death of the *thread* that forked: ``run`` starts the server from the main thread,
+  which lives as long as the process. A set-uid binary would clear it; tritonserver is
+  none.)
+- Its Python-backend stubs are its children and do not get that signal; they notice
+  their parent is gone only after someone reaps it, which this machine's pid 1 took
+  ~2 s to do and a container's pid 1 may never do. The temporary folder, too, must go
+  when nothing is left to remove it. Both are the job of a janitor
+  (``gateway.triton_local.janitor``): a detached process started before the server,
+  reading a pipe whose only write end the launcher holds. EOF on that pipe is the
+  kernel telling it the launcher is gone, by any death; it then SIGKILLs what is left
+  of this server (found by the folder in their command lines), unlinks the stubs'
+  shared memory and removes the folder. At a normal exit the launcher does the same
+  sweep itself first, so the folder is gone when the launcher's exit status is.
+
+Why not sweep stale folders at the next start instead: there may be no next start (a
+CI machine, a developer's laptop), the stale server would keep holding its ports (and
+the next start would fail on them), and telling a dead launcher's folder from a live
+one's needs a pid file and its own races. The janitor leaves nothing behind at all.
+What is left open: a SIGKILL in the few milliseconds between creating the folder and
+starting the janitor leaks the (small) folder.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -25,21 +51,28 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import ConfigError, ModelRepositoryError, PortInUse
+from gateway.triton_local.janitor import server_processes, shm_regions, sweep
 
 PY_MODEL_TEMPLATE = Path(__file__).with_name("pybackend_model.py")
 # Triton answers /v2/health/ready within a few seconds here; the issue's bar is 30 s.
 READY_TIMEOUT_S = 30.0
 # How long Triton may take to drain in-flight requests after SIGTERM before we SIGKILL.
 EXIT_TIMEOUT_S = 10
+# How often the janitor is told the stubs' shared-memory regions anew: a scan of /proc
+# took 1 ms here (~100 processes); stubs change only when the Python backend restarts
+# one that crashed.
+REGION_RESCAN_S = 5.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -178,16 +211,87 @@ def check_port_free(host: str, port: int) -> None:
             raise PortInUse(f"port {port} on {host} is already in use") from exc
 
 
+def _start_janitor(root: Path) -> int:
+    """Start the janitor for ``root``; return the pipe's write end, to hold until exit."""
+    read_end, write_end = os.pipe()  # both close-on-exec: no other child inherits them
+    try:
+        janitor = subprocess.Popen(
+            [sys.executable, "-m", "gateway.triton_local.janitor", str(root)],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C or hang-up does not reach it.
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    # The janitor forks and its first process exits at once (see janitor.py).
+    janitor.wait()
+    return write_end
+
+
+@dataclass
+class _Janitor:
+    """The launcher's end of the janitor's pipe."""
+
+    root: Path
+    pipe: int
+    told: set[bytes]
+
+    def tell_regions(self) -> None:
+        """Send the janitor the shared-memory regions of the stubs running now."""
+        new = shm_regions(server_processes(self.root)) - self.told
+        if new:
+            self.told |= new
+            try:
+                os.write(self.pipe, b"".join(r + b"\n" for r in sorted(new)))
+            except OSError:  # the janitor is gone: nothing to tell, our own sweep remains
+                pass
+
+
 @contextmanager
-def prepared(repo: Path) -> Iterator[tuple[Path, Path, list[str]]]:
-    """Check ``repo`` and yield (local repository, backend dir, model names); clean up after."""
+def prepared(repo: Path) -> Iterator[tuple[Path, Path, list[str], _Janitor]]:
+    """Check ``repo``; yield (local repository, backend dir, model names, janitor's pipe);
+    clean up after.
+
+    Clean-up SIGKILLs whatever server processes are left under the folder and removes it;
+    the janitor does the same if this process dies without getting here.
+    """
     configs = load_repository(repo)
-    with tempfile.TemporaryDirectory(prefix="triton-local-") as tmp:
-        local_repo = Path(tmp) / "models"
-        backends = Path(tmp) / "backends"
+    root = Path(tempfile.mkdtemp(prefix="triton-local-"))
+    try:
+        janitor = _Janitor(root, _start_janitor(root), set())
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    try:
+        local_repo = root / "models"
+        backends = root / "backends"
         write_local_repository(repo, configs, local_repo)
         write_backend_dir(backends)
-        yield local_repo, backends, sorted(configs)
+        yield local_repo, backends, sorted(configs), janitor
+    finally:
+        sweep(root, janitor.told)
+        os.close(janitor.pipe)  # EOF: the janitor finds nothing left and exits
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when this process dies."""
+    # Looked up here, in the parent: the child between fork and exec should do no more
+    # than call it.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        # The parent may have died before prctl: then nobody would ever send the signal.
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def _ready(host: str, port: int) -> bool:
@@ -203,7 +307,10 @@ def run(repo: Path, ports: Ports, host: str = "127.0.0.1", log_verbose: int = 0)
     for p in (ports.http, ports.grpc, ports.metrics):
         check_port_free(host, p)
     binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
-    with prepared(repo) as (local_repo, backends, models):
+    if threading.current_thread() is not threading.main_thread():
+        # PR_SET_PDEATHSIG fires when the thread that forked exits, not the process.
+        raise RuntimeError("triton_local.run must be called from the main thread")
+    with prepared(repo) as (local_repo, backends, models, janitor):
         cmd = [
             str(binary),
             f"--model-repository={local_repo}",
@@ -223,7 +330,11 @@ def run(repo: Path, ports: Ports, host: str = "127.0.0.1", log_verbose: int = 0)
             f"--log-verbose={log_verbose}",
         ]
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, env=server_env(), start_new_session=True)
+        # Its own session, so a terminal's Ctrl-C reaches only the launcher, which forwards
+        # it; dies with the launcher (see the module docstring).
+        proc = subprocess.Popen(
+            cmd, env=server_env(), start_new_session=True, preexec_fn=_die_with_parent()
+        )
         stopping = False
 
         def _forward(signum: int, _frame: object) -> None:
@@ -241,6 +352,8 @@ def run(repo: Path, ports: Ports, host: str = "127.0.0.1", log_verbose: int = 0)
                     proc.send_signal(signal.SIGTERM)
                     raise ConfigError(f"Triton was not ready within {READY_TIMEOUT_S:.0f} s")
                 time.sleep(0.1)
+            # Before the ready line: whoever reads it may kill us all the next moment.
+            janitor.tell_regions()
             if proc.poll() is None and not stopping:
                 print(
                     f"triton-local ready in {time.monotonic() - t0:.1f} s: "
@@ -250,10 +363,10 @@ def run(repo: Path, ports: Ports, host: str = "127.0.0.1", log_verbose: int = 0)
                 )
             while True:
                 try:
-                    rc = proc.wait(timeout=0.5)
+                    rc = proc.wait(timeout=REGION_RESCAN_S)
                     break
                 except subprocess.TimeoutExpired:
-                    continue
+                    janitor.tell_regions()  # the backend restarts a stub that died
         finally:
             if proc.poll() is None:
                 try:
