@@ -1,90 +1,200 @@
-"""Overload: offered load three times what the gateway serves, against the real stack.
+"""Our own overload, against the real stack (redis-server, the local Triton, one worker).
 
-Proves the admission control in ``policy/admission.py``: the requests it admits keep
-their P99 inside the 50 ms budget, the rest get 503 + ``Retry-After`` quickly instead
-of queueing until everyone times out, nothing else fails, the gateway's memory stays
-bounded, and once the overload passes the limit opens up again (no shedding at half
-capacity).
+Two kinds of client that overload a gateway:
+
+* **open loop** (requests sent on schedule whatever happened to earlier ones, enough
+  connections to carry them: many independent users): three times capacity. Admission
+  control must keep goodput near capacity, keep the admitted requests inside the
+  budget, shed the rest with 503 + Retry-After, hold memory, and never blame the
+  healthy dependencies for our overload (no breaker opens).
+* **closed loop** with more connections than the gateway serves at once, ignoring
+  Retry-After (wrk with 64 connections): goodput must stay within 10 % of what 16
+  connections get (it was 952 vs 1,360/s when refusals came back instantly and every
+  one was resent at once).
+
+Goodput here is stricter than 2xx/s: answers *by the model*, per second, from the
+gateway's own counters (a fallback answer is a 200 too, but not what capacity means).
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
+import subprocess
 import time
+import urllib.request
 
 import psutil
+import pytest
+from loadtests.bench import loadgen
 
-from tests.loadgen import Load, p99, record, summarize
+from tests.loadgen import Load, body, p99, record, summarize
+from tests.procs import GatewayServer
 
-BUDGET_S = 0.050
-ITEMS = 50  # the issue's request size for the speed targets
+BUDGET_MS = 50.0
+ITEMS = 50  # the benchmark's request size
 
 
-def test_three_times_capacity(redis_server, triton, gateway_factory) -> None:
-    gw = gateway_factory(
+def scrape(gw: GatewayServer) -> dict[str, float]:
+    with urllib.request.urlopen(f"{gw.url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def model_answers(m: dict[str, float]) -> float:
+    return m.get('gateway_request_duration_seconds_count{outcome="model"}', 0.0)
+
+
+def no_breaker_opened(gw: GatewayServer) -> None:
+    m = scrape(gw)
+    assert m['gateway_circuit_state{dependency="triton"}'] == 0
+    assert m['gateway_circuit_state{dependency="redis"}'] == 0
+    assert m.get('gateway_fallback_total{reason="circuit_open"}', 0) == 0, m
+    assert gw.log_path is not None
+    log = gw.log_path.read_text()
+    assert "-> open" not in log, [line for line in log.splitlines() if "-> open" in line][:3]
+
+
+@pytest.fixture
+def gw(redis_server, triton, gateway_factory) -> GatewayServer:
+    return gateway_factory(
         {
             "GATEWAY_REDIS_URL": redis_server.url,
             "GATEWAY_TRITON_URL": triton.grpc_url,
-            "GATEWAY_LOG_LEVEL": "WARNING",
+            "GATEWAY_LOG_LEVEL": "INFO",
         },
         ready=True,
     )
+
+
+def closed_loop_capacity(gw: GatewayServer, conns: int = 16, seconds: float = 3.0) -> float:
+    """Model answers per second with ``conns`` back-to-back connections (warms up too)."""
+    Load(gw.port, rate=None, conns=conns, items=ITEMS, max_seconds=5).run_for(1.0)
+    before = model_answers(scrape(gw))
+    Load(gw.port, rate=None, conns=conns, items=ITEMS, max_seconds=10).run_for(seconds)
+    return (model_answers(scrape(gw)) - before) / seconds
+
+
+def test_open_loop_three_times_capacity(gw: GatewayServer) -> None:
     assert gw.proc is not None
     proc = psutil.Process(gw.proc.pid)
-    # The load generator shares this machine's two cores with the gateway, Redis and
-    # Triton, and at 3x capacity needs about as much CPU as the gateway: it runs at a
-    # lower priority (its own thread only), or the test measures the CPU fight rather
-    # than the admission control.
-    # Capacity: what 8 back-to-back connections get answered per second (warms up too).
-    cap = Load(gw.port, rate=None, conns=8, items=ITEMS, max_seconds=5).run_for(2.0)
-    capacity = sum(r.status == 200 for r in cap.recs) / 2.0
-    assert capacity > 50, f"capacity {capacity:.0f}/s: the machine is too busy to test"
+    capacity = closed_loop_capacity(gw)
+    assert capacity > 100, f"capacity {capacity:.0f}/s: the machine is too busy to test"
     rss0 = proc.memory_info().rss
+    before = scrape(gw)
 
-    # 3x capacity, open loop, over enough connections to carry it.
-    offered = 3 * capacity
-    over = Load(gw.port, rate=offered, conns=32, items=ITEMS, max_seconds=8, nice=10).start()
-    rss = []
-    for _ in range(16):
-        time.sleep(0.25)
-        rss.append(proc.memory_info().rss)
-    over.stop()
-    recs = over.recs
-    row = summarize(recs, dropped=len(over.errors))
-    row["offered_per_s"] = round(offered)
-    row["capacity_per_s"] = round(capacity)
-    ok = [r for r in recs if r.status == 200]
-    row["admitted_server_p99_ms"] = round(p99([r.server_ms or 0.0 for r in ok]), 2)
-    row["admitted_client_p99_ms"] = round(p99([r.latency for r in ok]) * 1e3, 2)
-    record("overload 3x capacity", row)
+    offered, seconds = 3 * capacity, 6.0
+    requests = loadgen.build_requests(
+        "127.0.0.1",
+        gw.port,
+        "/predict",
+        [body(n * 7919, ITEMS, n * 31) for n in range(64)],
+        {"Content-Type": "application/json"},
+    )
+    rss: list[int] = []
 
-    assert not over.errors, f"dropped: {over.errors[:5]}"
-    shed = [r for r in recs if r.status == 503]
-    other = [r for r in recs if r.status not in (200, 503)]
-    assert not other, other[:5]
+    async def run() -> loadgen.StepResult:
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(0.25)
+                rss.append(proc.memory_info().rss)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            # 256 connections carry it: at capacity with a 50 ms budget ~60 are busy with
+            # admitted requests, and refusals come back within the 10 ms admission wait.
+            return await loadgen.run_step(
+                "127.0.0.1", gw.port, requests, offered, seconds, connections=256
+            )
+        finally:
+            watcher.cancel()
+
+    step = asyncio.run(run())
+    after = scrape(gw)
+
+    goodput = (model_answers(after) - model_answers(before)) / seconds
+    ok = [s for s in step.samples if s.ok]
+    shed = [s for s in step.samples if s.error == "HTTP 503"]
+    other = [s.error for s in step.samples if not s.ok and s.error != "HTTP 503"]
+    admitted_p99 = p99([s.server_ms[3] for s in ok if s.server_ms])
+    row = {
+        "sent": step.scheduled,
+        "model": int(model_answers(after) - model_answers(before)),
+        "fallback": sum(s.fallback for s in ok),
+        "shed": len(shed),
+        "5xx": len(other) + step.unsent,
+        "p99_ms": round(p99([s.latency_s for s in step.samples]) * 1e3, 2),
+        "max_ms": round(max(s.latency_s for s in step.samples) * 1e3, 2),
+        "offered_per_s": round(offered),
+        "capacity_per_s": round(capacity),
+        "goodput_per_s": round(goodput),
+        "admitted_server_p99_ms": round(admitted_p99, 2),
+    }
+    record("overload 3x capacity (open loop)", row)
+
+    assert not other and not step.unsent, (other[:5], step.unsent)
     assert shed, "nothing was shed at 3x capacity"
-    assert all(r.retry_after == "1" for r in shed)
-    assert all(r.message == "too many requests in flight" for r in shed)
-    # The admitted ones keep the budget: this is what shedding buys. On the gateway's own
-    # clock (timings_ms.total, from admission to answer) inside it. The client's clock
-    # adds the accept queue, the wire and the load generator's own share of these two
-    # cores; it gets twice the budget, a bound on any queueing in front of admission
-    # (without shedding that grows to seconds). Typical runs: 40-60 ms. Whether the model
-    # or the fallback answers them depends on how much CPU Triton, on the same cores,
-    # gets (the table in docs/resilience.md shows both); both are answers in budget.
-    assert p99([r.server_ms or 0.0 for r in ok]) <= BUDGET_S * 1e3
-    assert p99([r.latency for r in ok]) <= 2 * BUDGET_S, p99([r.latency for r in ok])
-    # Goodput holds up: shedding is cheap, the loop still serves most of its capacity.
-    assert len(ok) / 4.0 >= 0.5 * capacity, (len(ok), capacity)
-    # Shed fast: the median 503 is answered within 10 ms, client queueing included (the
-    # gateway's own work for one is a comparison and two ASGI messages, see api/app.py).
-    shed_lat = sorted(r.latency for r in shed)
-    assert shed_lat[len(shed_lat) // 2] <= 0.010, shed_lat[len(shed_lat) // 2]
-    # Bounded memory: no queue grows with the offered load.
+    assert goodput >= 0.9 * capacity, row
+    assert admitted_p99 <= BUDGET_MS, row
+    no_breaker_opened(gw)
     growth = max(rss) - rss0
     assert growth < 40 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB under overload"
 
-    # Overload over: at half capacity nothing is shed within a second.
+    # Overload over: at half capacity nothing is shed.
     time.sleep(1.0)
     calm = Load(gw.port, rate=capacity / 2, conns=8, items=ITEMS, max_seconds=5).run_for(1.5)
     assert calm.recs and all(r.status == 200 for r in calm.recs), {r.status for r in calm.recs}
-    assert max(r.latency for r in calm.recs) <= BUDGET_S + 0.010
+    assert all(r.reason is None for r in calm.recs), summarize(calm.recs)
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+bodies = {%s}
+i = 0
+request = function()
+  i = i + 1
+  return wrk.format(nil, nil, nil, bodies[(i %% #bodies) + 1])
+end
+"""
+
+
+def wrk(gw: GatewayServer, conns: int, seconds: int, script: str) -> tuple[float, float]:
+    """(model answers/s, all answers/s) from the gateway's counters around a wrk run."""
+    before = scrape(gw)
+    proc = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", script, f"{gw.url}/predict"],
+        capture_output=True, text=True, timeout=seconds + 30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    after = scrape(gw)
+    total = sum(
+        after[k] - before.get(k, 0.0)
+        for k in after
+        if k.startswith("gateway_request_duration_seconds_count")
+    )
+    return (model_answers(after) - model_answers(before)) / seconds, total / seconds
+
+
+def test_wrk_64_connections_keeps_the_16_connection_goodput(gw: GatewayServer, tmp_path) -> None:
+    bodies = ",".join("[[" + body(n * 7919, ITEMS, n * 31).decode() + "]]" for n in range(64))
+    script = tmp_path / "post.lua"
+    script.write_text(WRK_SCRIPT % bodies)
+    wrk(gw, 16, 2, str(script))  # warm up
+    # Interleaved, twice each: the box is shared and noisy.
+    at16 = [wrk(gw, 16, 4, str(script))[0]]
+    at64 = [wrk(gw, 64, 4, str(script))[0]]
+    at16.append(wrk(gw, 16, 4, str(script))[0])
+    at64.append(wrk(gw, 64, 4, str(script))[0])
+    good16, good64 = sum(at16) / 2, sum(at64) / 2
+    record(
+        "wrk 64 vs 16 connections",
+        {"goodput_16_per_s": round(good16), "goodput_64_per_s": round(good64)},
+    )
+    assert good64 >= 0.9 * good16, (at16, at64)
+    no_breaker_opened(gw)

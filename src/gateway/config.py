@@ -91,8 +91,14 @@ class Settings(BaseSettings):
     # admission controller's lag target: past it, this process is the bottleneck.
     breaker_max_loop_lag_ms: float = Field(5.0, gt=0)
 
-    # -- admission control -------------------------------------------------------------
-    max_inflight: int = Field(256, ge=1, description="requests in flight per worker before 503")
+    # -- admission control (policy/admission.py) ------------------------------------------
+    max_inflight: int = Field(
+        256, ge=1, description="ceiling of the adaptive in-flight limit, per worker"
+    )
+    # How long a request may wait for an in-flight slot before it is shed. 10 ms = a fifth
+    # of the default budget: long enough that a closed-loop client's resend does not come
+    # back at once (no 503 storm), short enough to leave the stages most of their time.
+    admission_wait_ms: float = Field(10.0, ge=0, le=1_000)
 
     # -- readiness and dependency health (runtime.py) -----------------------------------
     health_interval_s: float = Field(

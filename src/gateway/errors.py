@@ -7,6 +7,7 @@
     │   ├── ModelRepositoryError    missing model file, malformed config.pbtxt
     │   └── PortInUse
     ├── RequestError                a bad request (4xx); never reaches Redis or Triton
+    │   ├── MethodNotAllowed        405
     │   ├── InvalidRequest          422
     │   ├── RequestTimeout          408: the body did not arrive in time
     │   ├── PayloadTooLarge         413
@@ -53,11 +54,18 @@ class RequestError(GatewayError):
 
     status_code = 400
     error = "bad_request"
+    headers: dict[str, str] = {}  # extra response headers
 
     def __init__(self, message: str, detail: list[dict[str, str]] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail or []
+
+
+class MethodNotAllowed(RequestError):
+    status_code = 405
+    error = "method_not_allowed"
+    headers = {"Allow": "POST"}
 
 
 class InvalidRequest(RequestError):

@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from gateway.config import Settings
@@ -106,6 +104,8 @@ class Gateway:
         # policy/admission.py for why it follows event-loop lag rather than latency.
         self.admission = AdaptiveLimit(settings.max_inflight)
         self._lag_monitor = LagMonitor(self._on_lag)
+        self._wait_s = settings.admission_wait_ms / 1e3
+        self.can_wait = self._wait_s > 0
         self.shutting_down = False
         self._given = (store, backend)
         self._store: FeatureStore | None = None
@@ -171,30 +171,31 @@ class Gateway:
         level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
         log.log(level, "circuit breaker %s: %s -> %s", name, old.name.lower(), new.name.lower())
 
-    def _on_lag(self, lag_s: float) -> None:
-        self.admission.on_lag(lag_s)
+    def _on_lag(self, now: float, lag_s: float, busy: float) -> None:
+        self.admission.on_sample(now, lag_s, busy)
         self.metrics.admission_limit.set(int(self.admission.limit))
         self.metrics.loop_lag.set(self.admission.lag_s)
 
     # -- admission and accounting ------------------------------------------------------
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Admission control: within the adaptive in-flight limit, else 503 at once.
+    async def admit(self) -> None:
+        """Take an in-flight slot (waiting briefly, see policy/admission.py), or raise
+        Overloaded: 503 with ``Retry-After``. The caller must :meth:`release` the slot.
 
         ``Retry-After: 1``: the limit adapts within tens of milliseconds, so a second is
         long enough for the overload to have been absorbed or for the client's retry to
         find another replica, and short enough not to strand its caller.
         """
-        if not self.admission.try_acquire():
+        if not (self.admission.try_acquire() or await self.admission.acquire(self._wait_s)):
             self.metrics.shed.inc()
             raise Overloaded(retry_after_s=1)
         self.metrics.inflight.inc()
-        try:
-            yield
-        finally:
-            self.admission.release()
-            self.metrics.inflight.dec()
+
+    def release(self, admitted_at: float) -> None:
+        """Give back the slot of a request admitted at ``admitted_at`` (clock time)."""
+        self.admission.on_done(time.perf_counter() - admitted_at)
+        self.admission.release()
+        self.metrics.inflight.dec()
 
     def observe(self, arrival: float, outcome: str) -> None:
         """One /predict's end-to-end duration, from its arrival, by how it ended."""

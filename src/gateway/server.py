@@ -26,6 +26,10 @@ def serve(host: str, port: int, workers: int = 1) -> int:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        # Nothing here reads the client's address; uvicorn's proxy-headers middleware is
+        # per-request work (1.5 % of a shed request's CPU in a profile) for nothing.
+        proxy_headers=False,
+        server_header=False,
         log_level=settings.log_level.lower(),
         # In-flight requests get this long to finish after SIGTERM (and the drain delay).
         timeout_graceful_shutdown=10,

@@ -1,4 +1,4 @@
-"""The app factory: settings in, a FastAPI app out; clients are made in its lifespan."""
+"""The app factory: settings in, the ASGI app out; clients are made in its lifespan."""
 
 from __future__ import annotations
 
@@ -7,94 +7,45 @@ import gc
 import logging
 import signal
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
 
-import orjson
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from gateway.api import errors
-from gateway.api.routes import ARRIVAL_KEY, OUTCOME_KEY, router
+from gateway.api.predict import PredictEndpoint, openapi_path
+from gateway.api.routes import router
 from gateway.api.schemas import request_model
 from gateway.config import Settings, load_settings
 from gateway.runtime import Gateway
 
 log = logging.getLogger("gateway")
 
-# The 503 a shed request gets, rendered once: same body and headers as the Overloaded
-# handler in api/errors.py.
-_SHED_BODY = orjson.dumps(
-    {"error": "overloaded", "message": "too many requests in flight", "detail": []}
-)
-_SHED_HEADERS = [
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(_SHED_BODY)).encode()),
-    (b"retry-after", b"1"),
-]
 
+class GatewayApp:
+    """The ASGI app uvicorn runs: /predict to :class:`PredictEndpoint`, the rest (health,
+    readiness, metrics, docs, lifespan) to FastAPI. See api/predict.py for why."""
 
-class PredictMiddleware:
-    """/predict's outer layer: arrival time, the shed fast path, end-to-end accounting.
+    def __init__(self, fastapi: FastAPI, predict: PredictEndpoint) -> None:
+        self.fastapi = fastapi
+        self.predict = predict
 
-    * Stamps the request's arrival (the start of a client deadline; ``policy/budget.py``).
-    * Answers 503 before routing when admission control is full. Shedding must cost far
-      less than serving, or at 3x capacity the loop spends itself on refusals: through
-      FastAPI's routing and exception handlers a 503 costs about as much CPU as a small
-      /predict. Here it is one comparison and two ASGI messages. The route's
-      ``Gateway.admit()`` stays the authority (it takes the slot).
-    * Observes ``gateway_request_duration_seconds`` for every request, whatever the
-      outcome: model, fallback, shed, client_error, error (5xx, exceptions included),
-      disconnected (the client left, or the request was cancelled).
-    """
+    @property
+    def state(self) -> Any:
+        return self.fastapi.state
 
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
-        self.app = app
-        self.gateway = gateway
+    def openapi(self) -> dict[str, Any]:
+        return self.fastapi.openapi()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict":
-            await self.app(scope, receive, send)
-            return
-        gw = self.gateway
-        arrival = time.perf_counter()
-        if gw.admission.full():
-            gw.metrics.shed.inc()
-            await send({"type": "http.response.start", "status": 503, "headers": _SHED_HEADERS})
-            await send({"type": "http.response.body", "body": _SHED_BODY})
-            gw.observe(arrival, "shed")
-            return
-        state = scope.setdefault("state", {})
-        state[ARRIVAL_KEY] = arrival
-        status = 0
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        outcome = "error"
-        try:
-            await self.app(scope, receive, send_status)
-            outcome = state.get(OUTCOME_KEY) or _outcome_of(status)
-        except asyncio.CancelledError:
-            outcome = "disconnected"
-            raise
-        finally:
-            gw.observe(arrival, outcome)
-
-
-def _outcome_of(status: int) -> str:
-    if status == 503:
-        return "shed"
-    if 400 <= status < 500:
-        return "client_error"
-    return "error"
+        if scope["type"] == "http" and scope["path"] == "/predict":
+            await self.predict(scope, receive, send)
+        else:
+            await self.fastapi(scope, receive, send)
 
 
 def _document_plain_endpoints(schema: dict[str, Any]) -> None:
@@ -152,13 +103,14 @@ def _drain_on_sigterm(gateway: Gateway, drain_s: float) -> Callable[[], None]:
     return restore
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app. ``settings`` default to the ``GATEWAY_*`` environment."""
+def create_app(settings: Settings | None = None, gateway: Gateway | None = None) -> GatewayApp:
+    """Build the app. ``settings`` default to the ``GATEWAY_*`` environment; ``gateway``
+    to one built from them (tests pass one with fake backends)."""
     settings = settings or load_settings()
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    gateway = Gateway(settings)
+    gateway = gateway or Gateway(settings)
 
     drain_s = settings.drain_delay_s
 
@@ -188,13 +140,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.gateway = gateway
     app.include_router(router)
-    app.add_middleware(PredictMiddleware, gateway=gateway)
     errors.install(app)
 
     def openapi() -> dict:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        openapi_path(schema)
         body = request_model(settings.max_items).model_json_schema(
             ref_template="#/components/schemas/{model}"
         )
@@ -206,4 +158,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return app
+    return GatewayApp(app, PredictEndpoint(gateway))

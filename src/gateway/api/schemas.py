@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-import uuid
+import secrets
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
@@ -115,6 +116,17 @@ def _loc(err: Any) -> str:
     return ".".join(loc) or "body"
 
 
+# Request ids: a random 64-bit prefix per process and a counter, 32 hex digits like a
+# UUID. uuid4() reads os.urandom per call: 4.5 % of the CPU of a request in a profile.
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    """A request id unique across processes (random prefix) and within one (counter)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
 def parse_predict(body: bytes, max_items: int) -> PredictInput:
     """Validate a JSON body; raise InvalidRequest naming each bad field and why."""
     model = request_model(max_items)
@@ -141,7 +153,7 @@ def parse_predict(body: bytes, max_items: int) -> PredictInput:
             if v is not None
         }
     return PredictInput(
-        request_id=req.request_id or uuid.uuid4().hex,
+        request_id=req.request_id or new_request_id(),
         user_id=req.user_id,
         item_ids=req.item_ids,
         context=ctx,
