@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,8 @@ def measure(
     ok = res.requests - res.non_2xx
     row = res.as_dict()
     row.update(
+        # 2xx that the model answered: a fallback answer is a 200 but not the model's.
+        model_rps=(ok - fallbacks) / res.seconds if res.seconds else 0.0,
         server=srv.name,
         fallbacks=fallbacks,
         fallback_reasons=reasons,
@@ -212,6 +215,7 @@ def _stats(values: list[float | None]) -> dict[str, float | None]:
 
 METRICS = (
     "goodput_rps",
+    "model_rps",
     "rps",
     "p50_ms",
     "p99_ms",
@@ -249,35 +253,47 @@ def summarize(pair: str, connections: int, rounds: list[dict[str, Any]]) -> dict
     return out
 
 
+def _spy(
+    srv: Server, bodies: list[bytes], connections: int, seconds: int, raw: Path, nonblocking: bool
+) -> tuple[Counter[profile.Stack], int, float]:
+    """One py-spy recording under wrk: (loop-thread stacks, requests, loop CPU ms/req)."""
+    pid = srv.pids["server"]
+    cpu0 = _thread_cpu_s(pid)[0]
+    spy = profile.record(pid, seconds, raw, nonblocking)
+    try:
+        # wrk runs one second past the recording, so every sample is under load.
+        res = run_wrk(srv.url + "/predict", bodies, connections, seconds + 1)
+        spy_out, _ = spy.communicate(timeout=seconds + 30)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if spy.returncode != 0 or not raw.exists():
+        raise RuntimeError(f"py-spy failed on {srv.name}: {spy_out[-500:]}")
+    cpu_ms = (_thread_cpu_s(pid)[0] - cpu0) / max(res.requests, 1) * 1e3
+    return profile.loop_thread(profile.parse_raw(raw.read_text())), res.requests, cpu_ms
+
+
 def profile_server(
     srv: Server, bodies: list[bytes], connections: int, seconds: int, out_dir: Path
 ) -> dict[str, Any]:
-    """py-spy on one server for ``seconds`` under wrk at ``connections``."""
-    raw = out_dir / f"{srv.name}.pyspy.txt"
-    cpu0 = _thread_cpu_s(srv.pids["server"])[0]
-    spy = profile.record(srv.pids["server"], seconds, raw)
-    # wrk runs one second past the recording, so every sample is under load.
-    res = run_wrk(srv.url + "/predict", bodies, connections, seconds + 1)
-    cpu_ms = (_thread_cpu_s(srv.pids["server"])[0] - cpu0) / max(res.requests, 1) * 1e3
-    try:
-        spy_out, _ = spy.communicate(timeout=seconds + 30)
-    except BaseException:
-        spy.kill()
-        spy.wait()
-        raise
-    if spy.returncode != 0 or not raw.exists():
-        raise RuntimeError(f"py-spy failed on {srv.name}: {spy_out[-500:]}")
-    stacks = profile.loop_thread(profile.parse_raw(raw.read_text()))
-    samples = sum(stacks.values())
-    log.info("profiled %s: %d loop-thread samples, %d requests", srv.name, samples, res.requests)
+    """py-spy on one server under wrk at ``connections``: a non-blocking recording for
+    self time, then a blocking one for inclusive time (profile.py says why both)."""
+    nb, requests, cpu_ms = _spy(
+        srv, bodies, connections, seconds, out_dir / f"{srv.name}.nonblocking.txt", True
+    )
+    bl, _, _ = _spy(srv, bodies, connections, seconds, out_dir / f"{srv.name}.blocking.txt", False)
+    n_nb, n_bl = sum(nb.values()), sum(bl.values())
+    log.info("profiled %s: %d + %d loop-thread samples", srv.name, n_nb, n_bl)
     return {
         "server": srv.name,
-        "samples": samples,
-        "requests": res.requests,
+        "samples": n_nb,
+        "samples_blocking": n_bl,
+        "requests": requests,
         "cpu_ms_per_request_while_profiled": cpu_ms,
-        "self_by_category": profile.self_by_category(stacks),
-        "self_by_function": profile.self_by_function(stacks, top=80),
-        "inclusive_gateway": profile.inclusive(stacks, "gateway/", top=25),
+        "self_by_category": profile.self_by_category(nb),
+        "self_by_function": profile.self_by_function(nb, top=80),
+        "inclusive_gateway": profile.inclusive(bl, "gateway/", top=25),
     }
 
 
@@ -476,14 +492,18 @@ def markdown(data: dict[str, Any]) -> str:
         "## Gateway / minimal, same run",
         "",
         "Medians over rounds, (min–max) for the ratios, each ratio taken between the two "
-        "adjacent runs of one round. *CPU ms/req*: the server process's CPU time (all its "
-        "threads) per response.",
+        "adjacent runs of one round. *Goodput*: 2xx responses/s. *Model answers*: goodput "
+        "minus the gateway's fallback answers (a 200 too; counted by `gateway_fallback_total` "
+        "before and after each run). *CPU ms/req*: the server process's CPU time (all its "
+        "threads) per response of any status (a shed 503 costs little). *Others' CPU*: what "
+        "the rest of this shared machine used during the run.",
         "",
-        "| pair | connections | goodput 2xx/s gateway / minimal | ratio | all req/s ratio "
+        "| pair | connections | goodput 2xx/s gateway / minimal | ratio "
+        "| model answers/s gateway / minimal | ratio | all responses/s ratio "
         "| P50 ms gateway / minimal | P99 ms gateway / minimal | non-2xx gateway / minimal "
-        "| gateway fallback share | CPU ms/req gateway / minimal (ratio) "
+        "| gateway fallback share, reasons | CPU ms/req gateway / minimal (ratio) "
         "| others' CPU, max cores |",
-        "|---|---:|---|---|---|---|---|---|---:|---|---:|",
+        "|---|---:|---|---|---|---|---|---|---|---|---|---|---:|",
     ]
     for s in data["summaries"]:
         a, b, r = s["a_stats"], s["b_stats"], s["ratio"]
@@ -491,7 +511,9 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(
             f"| `{s['a']}` vs `{s['b']}` | {s['connections']} | "
             f"{_f(a['goodput_rps']['median'], 0)} / {_f(b['goodput_rps']['median'], 0)} | "
-            f"**{_rng(r['goodput_rps'])}** | {_rng(r['rps'])} | "
+            f"**{_rng(r['goodput_rps'])}** | "
+            f"{_f(a['model_rps']['median'], 0)} / {_f(b['model_rps']['median'], 0)} | "
+            f"**{_rng(r['model_rps'])}** | {_rng(r['rps'])} | "
             f"{_f(a['p50_ms']['median'])} / {_f(b['p50_ms']['median'])} | "
             f"{_f(a['p99_ms']['median'])} / {_f(b['p99_ms']['median'])} | "
             f"{a['non_2xx']} / {b['non_2xx']} of {a['requests']} / {b['requests']} | "
@@ -509,8 +531,9 @@ def markdown(data: dict[str, Any]) -> str:
             f"## Where the gateway's extra CPU goes (py-spy, {cfg['profile_seconds']} s per "
             f"server at {cfg['profile_connections']} connections)",
             "",
-            "py-spy samples of the event-loop thread, each charged to its innermost Python "
-            "frame (a C extension's time lands on the line that called it). µs/request = the "
+            "py-spy samples (non-blocking) of the event-loop thread, each charged to its "
+            "innermost Python frame (a C extension's time lands on the line that called it; "
+            "loadtests/bench/profile.py explains the sampling). µs/request = the "
             "category's share of those samples × the loop thread's CPU ms/request measured "
             "by the OS in the runs above at that connection count; the other threads (the "
             "onnxruntime executor, gRPC's poller) are one row, from the OS, because py-spy "
@@ -554,8 +577,9 @@ def markdown(data: dict[str, Any]) -> str:
             loop_ms = e["loop_thread_cpu_ms_per_request"][a]
             lines += [
                 "",
-                f"`{a}`'s own functions, inclusive (loop-thread samples with the function on "
-                "the stack, and that share of the loop thread's CPU):",
+                f"`{a}`'s own functions, inclusive (share of loop-thread samples with the "
+                "function on the stack, from a blocking recording, which over-weights lines "
+                "right after a system call; and that share of the loop thread's CPU):",
                 "",
                 "| function | share | µs/req |",
                 "|---|---:|---:|",

@@ -1,16 +1,29 @@
 """Where a server's CPU goes: py-spy samples, grouped by the code they land in.
 
-``py-spy record --format raw`` writes collapsed stacks (``frame;frame;... count``, root
-first, each frame ``function (file:line)``). Without ``--idle`` py-spy drops samples
-of threads waiting (an event loop in ``epoll_wait``), so the samples stand for CPU
-time. Each sample is charged to its innermost frame (*self* time); time spent in a C
-extension (orjson, hiredis, uvloop, grpc's Cython, onnxruntime) shows up on the
-Python line that called it, which is the line to look at anyway.
+``py-spy record --format raw --threads`` writes collapsed stacks (``thread (tid):
+name;frame;frame;... count``, root first, each frame ``function (file:line)``).
+Without ``--idle`` py-spy drops samples of threads waiting (an event loop in
+``epoll_wait``), so the samples stand for CPU time. Each sample is charged to its
+innermost frame (*self* time); time spent in a C extension (orjson, hiredis, uvloop,
+grpc's Cython, onnxruntime) shows up on the Python line that called it, which is
+the line to look at anyway.
+
+Two ways of sampling, each with a flaw, so each is used for what it does well
+(measured on this 2-core VM, gateway at 16 connections, 2026-11-29):
+
+- ``--nonblocking`` reads the stacks while the process runs: unbiased in time, but
+  about 9 % of samples fail and two thirds come back *torn* (missing their outer
+  frames), so only the innermost frame is trusted: used for self time.
+- blocking (py-spy's default) stops the process for each sample: whole stacks, but
+  the stop lands at the next kernel exit, which over-weights lines just after a
+  system call (``asyncio.get_running_loop`` calls ``getpid()``: ``asyncio.timeout``
+  came out at 7 % of samples blocking against 2.7 % non-blocking) and it slows the
+  server by about 10 %: used only for inclusive shares of the gateway's functions.
 
 Only the event-loop (main) thread's samples are used (:func:`loop_thread`): py-spy
-counts a ``ThreadPoolExecutor`` worker blocked in ``queue.get`` as busy (measured: a
-fifth of gateway-cpu's samples, where the OS charges that thread under a tenth of
-the process's CPU), so the other threads' CPU is taken from the OS instead.
+counts a ``ThreadPoolExecutor`` worker blocked in ``queue.get`` as busy (a fifth of
+gateway-cpu's samples, where the OS charges that thread under a tenth of the
+process's CPU), so the other threads' CPU is taken from the OS instead.
 """
 
 from __future__ import annotations
@@ -69,6 +82,9 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
 )
 
 
+Stack = tuple["Frame", ...]
+
+
 @dataclass(frozen=True)
 class Frame:
     func: str
@@ -87,22 +103,26 @@ def parse_frame(text: str) -> Frame:
     return Frame(m["func"], m["file"], int(m["line"]))
 
 
-def parse_raw(text: str) -> Counter[tuple[Frame, ...]]:
-    """Collapsed stacks -> {stack (root first): samples}."""
-    out: Counter[tuple[Frame, ...]] = Counter()
+def parse_raw(text: str) -> dict[str, Counter[Stack]]:
+    """Collapsed stacks recorded with ``--threads`` -> {thread name: {stack: samples}},
+    each stack root first, without the thread frame."""
+    out: dict[str, Counter[Stack]] = {}
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        out[tuple(parse_frame(f) for f in stack.split(";"))] += int(count)
+        thread, _, frames = stack.partition(";")
+        name = thread.rpartition(": ")[2] if thread.startswith("thread (") else "?"
+        if not frames:
+            continue
+        key = tuple(parse_frame(f) for f in frames.split(";"))
+        out.setdefault(name, Counter())[key] += int(count)
     return out
 
 
-def loop_thread(stacks: Counter[tuple[Frame, ...]]) -> Counter[tuple[Frame, ...]]:
-    """The main thread's stacks: every other thread's root frame is Thread._bootstrap."""
-    return Counter(
-        {s: n for s, n in stacks.items() if s and not s[0].func.startswith("Thread._bootstrap")}
-    )
+def loop_thread(threads: dict[str, Counter[Stack]]) -> Counter[Stack]:
+    """The event loop's thread: Python's MainThread (uvicorn runs the loop there)."""
+    return threads.get("MainThread", Counter())
 
 
 def category(frame: Frame) -> str:
@@ -113,7 +133,7 @@ def category(frame: Frame) -> str:
     return f"other ({top})"
 
 
-def self_by_category(stacks: Counter[tuple[Frame, ...]]) -> dict[str, float]:
+def self_by_category(stacks: Counter[Stack]) -> dict[str, float]:
     """Share of samples (0-1) whose innermost frame falls in each category."""
     total = sum(stacks.values()) or 1
     out: Counter[str] = Counter()
@@ -122,7 +142,7 @@ def self_by_category(stacks: Counter[tuple[Frame, ...]]) -> dict[str, float]:
     return {k: v / total for k, v in out.most_common()}
 
 
-def self_by_function(stacks: Counter[tuple[Frame, ...]], top: int = 15) -> dict[str, float]:
+def self_by_function(stacks: Counter[Stack], top: int = 15) -> dict[str, float]:
     """Share of samples (0-1) whose innermost frame is each function, the ``top`` first."""
     total = sum(stacks.values()) or 1
     out: Counter[str] = Counter()
@@ -131,7 +151,7 @@ def self_by_function(stacks: Counter[tuple[Frame, ...]], top: int = 15) -> dict[
     return {k: v / total for k, v in out.most_common(top)}
 
 
-def inclusive(stacks: Counter[tuple[Frame, ...]], fragment: str, top: int = 15) -> dict[str, float]:
+def inclusive(stacks: Counter[Stack], fragment: str, top: int = 15) -> dict[str, float]:
     """Share of samples with a frame in a file containing ``fragment`` anywhere on the
     stack (each function counted once per sample)."""
     total = sum(stacks.values()) or 1
@@ -146,10 +166,13 @@ def inclusive(stacks: Counter[tuple[Frame, ...]], fragment: str, top: int = 15) 
 _ENTRY = {"gateway/__main__.py", "gateway/cli.py", "gateway/server.py"}
 
 
-def record(pid: int, seconds: int, out: Path, rate_hz: int = RATE_HZ) -> subprocess.Popen:
+def record(
+    pid: int, seconds: int, out: Path, nonblocking: bool, rate_hz: int = RATE_HZ
+) -> subprocess.Popen:
     """Start ``py-spy record`` on ``pid`` for ``seconds`` (returns at once; wait on it)."""
     return subprocess.Popen(
         [PY_SPY, "record", "--pid", str(pid), "--duration", str(seconds), "--rate",
-         str(rate_hz), "--format", "raw", "--output", str(out)],
+         str(rate_hz), "--format", "raw", "--threads", "--output", str(out),
+         *(["--nonblocking"] if nonblocking else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
