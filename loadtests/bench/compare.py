@@ -468,7 +468,8 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [
         "# Gateway vs a minimal path, closed loop (wrk)",
         "",
-        f"Run {m['date']}, `{data['command']}` ({data['wall_seconds']:.0f} s wall).",
+        f"Run {m['date']}, `{data['command']}` ({data['wall_seconds']:.0f} s wall), "
+        f"code at {m.get('code', 'an unrecorded commit')}.",
         "",
         f"- Machine: {m['cpu']}, {m['memory']} RAM, {m['os']}; shared. Python {m['python']}, "
         f"redis-server {m['redis']}, Triton {m['triton']}.",

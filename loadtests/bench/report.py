@@ -233,7 +233,8 @@ def markdown(data: dict[str, Any], plot_name: str) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Run {m['date']}, `{command(cfg)}` ({data['wall_seconds']:.0f} s wall).",
+        f"Run {m['date']}, `{command(cfg)}` ({data['wall_seconds']:.0f} s wall), "
+        f"code at {m.get('code', 'an unrecorded commit')}.",
         "",
         f"- Machine: {m['cpu']}, {m['memory']} RAM, {m['os']}; shared and noisy.",
         f"- Python {m['python']}, redis-server {m['redis']}, Triton {m['triton']}.",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import psutil
 import uvloop
-from tests.procs import RedisServer, TritonServer
+from tests.procs import ROOT, RedisServer, TritonServer
 
 from gateway.features.loader import load
 from loadtests.bench import loadgen, promstats
@@ -283,6 +283,19 @@ def run_group(
     return [live.result() for live in lives]
 
 
+def code_version() -> str:
+    """The commit the measured gateway code comes from, and whether src/gateway differed."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "src/gateway")
+    return f"{head}" + (" with uncommitted changes in src/gateway" if dirty else "")
+
+
 def machine() -> dict[str, str]:
     cpu = "unknown CPU"
     try:
@@ -296,6 +309,7 @@ def machine() -> dict[str, str]:
         ["redis-server", "--version"], capture_output=True, text=True, check=False
     ).stdout.split()
     return {
+        "code": code_version(),
         "cpu": f"{cpu}, {os.cpu_count()} logical CPUs",
         "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
         "os": platform.platform(),
