@@ -255,10 +255,11 @@ def summarize(pair: str, connections: int, rounds: list[dict[str, Any]]) -> dict
 
 def _spy(
     srv: Server, bodies: list[bytes], connections: int, seconds: int, raw: Path, nonblocking: bool
-) -> tuple[Counter[profile.Stack], int, float]:
-    """One py-spy recording under wrk: (loop-thread stacks, requests, loop CPU ms/req)."""
+) -> tuple[Counter[profile.Stack], dict[str, int], float]:
+    """One py-spy recording under wrk: (loop-thread stacks, counts, loop CPU ms/req)."""
     pid = srv.pids["server"]
     cpu0 = _thread_cpu_s(pid)[0]
+    fb0 = sum(_fallbacks(srv).values())
     spy = profile.record(pid, seconds, raw, nonblocking)
     try:
         # wrk runs one second past the recording, so every sample is under load.
@@ -271,7 +272,16 @@ def _spy(
     if spy.returncode != 0 or not raw.exists():
         raise RuntimeError(f"py-spy failed on {srv.name}: {spy_out[-500:]}")
     cpu_ms = (_thread_cpu_s(pid)[0] - cpu0) / max(res.requests, 1) * 1e3
-    return profile.loop_thread(profile.parse_raw(raw.read_text())), res.requests, cpu_ms
+    fallbacks = int(sum(_fallbacks(srv).values()) - fb0)
+    if res.non_2xx or fallbacks:
+        # The profile should show the model path: say so when it did not.
+        log.warning(
+            "%s while profiled: %d non-2xx, %d fallback answers of %d",
+            srv.name, res.non_2xx, fallbacks, res.requests,
+        )  # fmt: skip
+    stacks = profile.loop_thread(profile.parse_raw(raw.read_text()))
+    counts = {"requests": res.requests, "non_2xx": res.non_2xx, "fallbacks": fallbacks}
+    return stacks, counts, cpu_ms
 
 
 def profile_server(
@@ -279,17 +289,21 @@ def profile_server(
 ) -> dict[str, Any]:
     """py-spy on one server under wrk at ``connections``: a non-blocking recording for
     self time, then a blocking one for inclusive time (profile.py says why both)."""
-    nb, requests, cpu_ms = _spy(
+    nb, counts, cpu_ms = _spy(
         srv, bodies, connections, seconds, out_dir / f"{srv.name}.nonblocking.txt", True
     )
-    bl, _, _ = _spy(srv, bodies, connections, seconds, out_dir / f"{srv.name}.blocking.txt", False)
+    bl, counts_bl, _ = _spy(
+        srv, bodies, connections, seconds, out_dir / f"{srv.name}.blocking.txt", False
+    )
     n_nb, n_bl = sum(nb.values()), sum(bl.values())
     log.info("profiled %s: %d + %d loop-thread samples", srv.name, n_nb, n_bl)
     return {
         "server": srv.name,
         "samples": n_nb,
         "samples_blocking": n_bl,
-        "requests": requests,
+        "requests": counts["requests"],
+        "non_2xx": counts["non_2xx"] + counts_bl["non_2xx"],
+        "fallbacks": counts["fallbacks"] + counts_bl["fallbacks"],
         "cpu_ms_per_request_while_profiled": cpu_ms,
         "self_by_category": profile.self_by_category(nb),
         "self_by_function": profile.self_by_function(nb, top=80),
@@ -362,7 +376,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name in names:
                 # Warm-up: connections, pools, gRPC channel, first-call allocations.
                 run_wrk(servers[name].url + "/predict", bodies, max(args.connections), 1)
+            out_dir = args.out / "profiles" if args.keep_profiles else log_dir
+
+            def profile_all() -> None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                for name in names:
+                    profiles[name] = profile_server(
+                        servers[name], bodies, args.profile_connections, args.profile_seconds,
+                        out_dir,
+                    )  # fmt: skip
+
             for ci, c in enumerate(args.connections):
+                if args.profile_seconds and not profiles and c > args.profile_connections:
+                    # Profile before any heavier level: overload there opens the gateway's
+                    # breakers, and the fallback answers would then land in the profile.
+                    profile_all()
                 for r in range(args.rounds):
                     for pi, pair in enumerate(args.pairs):
                         a, b = PAIRS[pair]
@@ -377,14 +405,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         }
                         row["order"] = list(order)  # type: ignore[assignment]
                         rounds_out[pair].setdefault(c, []).append(row)
-            if args.profile_seconds:
-                out_dir = args.out / "profiles" if args.keep_profiles else log_dir
-                out_dir.mkdir(parents=True, exist_ok=True)
-                for name in names:
-                    profiles[name] = profile_server(
-                        servers[name], bodies, args.profile_connections, args.profile_seconds,
-                        out_dir,
-                    )  # fmt: skip
+            if args.profile_seconds and not profiles:
+                profile_all()
         finally:
             for srv in servers.values():
                 srv.stop()
@@ -544,10 +566,16 @@ def markdown(data: dict[str, Any]) -> str:
         for pair, e in data["extra_cost"].items():
             a, b = PAIRS[pair]
             ca, cb = e["cpu_ms_per_request"][a], e["cpu_ms_per_request"][b]
+            pa = data["profiles"][a]
             lines += [
                 "",
                 f"### `{a}` ({ca * 1e3:.0f} µs/request) vs `{b}` ({cb * 1e3:.0f} µs/request): "
                 f"{(ca - cb) * 1e3:+.0f} µs",
+                "",
+                f"While profiled (two recordings of {cfg['profile_seconds']} s, "
+                f"{pa['samples']} + {pa.get('samples_blocking', 0)} loop-thread samples), "
+                f"`{a}` answered {pa.get('non_2xx', 0)} non-2xx and "
+                f"{pa.get('fallbacks', 0)} fallback answers.",
                 "",
                 "| where (innermost frame) | gateway µs/req | share of gateway CPU "
                 "| minimal µs/req | extra µs/req |",
