@@ -7,14 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
+from loadtests.bench.arrivals import KINDS, Arrivals
 from loadtests.bench.report import headline, write
-from loadtests.bench.run import Config, run
+from loadtests.bench.run import FULL_RATES, QUICK_RATES, Config, run
 from loadtests.bench.scenarios import SCENARIOS
-
-# Full ladder: from a rate where every scenario is idle to past where the gateway
-# saturates on two cores; the low rungs resolve the naive app's capacity.
-FULL_RATES = [10, 25, 50, 100, 200, 300, 400, 600, 800, 1000, 1300]
-QUICK_RATES = [20, 60]
 
 
 def _rates(text: str) -> list[float]:
@@ -30,7 +26,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", type=_rates, help="comma-separated requests/s ladder")
     p.add_argument("--duration", type=float, help="seconds per step (default 5, quick 1)")
     p.add_argument("--items", type=int, default=50, help="items per request (default 50)")
-    p.add_argument("--connections", type=int, default=64, help="max keep-alive connections")
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=64,
+        help="keep-alive connections (default 64; at least --burst-size in burst mode)",
+    )
+    p.add_argument(
+        "--arrivals",
+        choices=KINDS,
+        default="constant",
+        help="arrival process for scenarios that do not pin their own (default constant)",
+    )
+    p.add_argument("--burst-size", type=int, help="burst mode: requests sent at once (default 20)")
+    p.add_argument(
+        "--burst-interval-ms", type=float, help="burst mode: milliseconds between bursts"
+    )
+    p.add_argument("--seed", type=int, default=1, help="workload and Poisson seed (default 1)")
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     names = [s.name for s in SCENARIOS]
     p.add_argument(
@@ -59,9 +71,42 @@ def main(argv: list[str] | None = None) -> int:
         scenarios.insert(1, "gateway-before")
     if "gateway-before" in scenarios and not args.baseline_ref:
         p.error("the gateway-before scenario needs --baseline-ref")
+    if args.connections < 1:
+        p.error("--connections must be at least 1")
+    if args.arrivals != "burst" and (args.burst_size or args.burst_interval_ms):
+        p.error("--burst-size and --burst-interval-ms need --arrivals burst")
+    try:
+        arrivals = Arrivals(
+            args.arrivals,
+            burst_size=args.burst_size,
+            burst_interval_s=args.burst_interval_ms / 1e3 if args.burst_interval_ms else None,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        p.error(str(exc))
+    rates = args.rates or (QUICK_RATES if args.quick else FULL_RATES)
+    if arrivals.fixed_rate is not None:
+        # Size and interval fix the rate: one step, unless a ladder was asked for too.
+        if args.rates:
+            p.error(
+                "in burst mode give two of --rates, --burst-size, --burst-interval-ms: "
+                "the third follows (rate = size / interval)"
+            )
+        rates = [arrivals.fixed_rate]
+    by_name = {s.name: s for s in SCENARIOS}
+    for name in scenarios:
+        process = by_name[name].arrivals or arrivals
+        if process.kind != "burst":
+            continue
+        biggest = max(process.at(r).burst_size for r in rates)
+        if biggest > args.connections:
+            p.error(
+                f"{name}: bursts of {biggest} need at least as many --connections (have "
+                f"{args.connections}): a burst goes out at once only on idle connections"
+            )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     cfg = Config(
-        rates=args.rates or (QUICK_RATES if args.quick else FULL_RATES),
+        rates=rates,
         duration_s=args.duration or (1.0 if args.quick else 5.0),
         warmup_s=1.0 if args.quick else 2.0,
         items=args.items,
@@ -74,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         bodies=200 if args.quick else 2_000,
         # A smoke run does not wait for a quiet machine.
         quiet_max_wait_s=0.0 if args.quick else 5.0,
+        arrivals=arrivals,
+        seed=args.seed,
+        quick=args.quick,
     )
     data = run(cfg)
     md = write(data, cfg.out)

@@ -1,7 +1,8 @@
-"""An open-loop, constant-arrival-rate HTTP/1.1 load generator on raw asyncio streams.
+"""An open-loop HTTP/1.1 load generator on raw asyncio streams.
 
-Open loop: request ``k`` is *scheduled* at ``start + k / rate`` whatever happened to
-the ones before it, and its latency is measured from that scheduled time, not from
+Open loop: every request has a *scheduled* send time fixed before the step starts by
+its arrival process (``arrivals.py``: constant, Poisson or bursts), whatever happened
+to the ones before it, and its latency is measured from that scheduled time, not from
 when a connection was free to send it. A closed-loop tool (wrk, locust, hey) waits
 for an answer before sending the next request, so when the server stalls it stops
 sending and the stall shows up in one sample instead of in every request that
@@ -17,8 +18,16 @@ spends is taken from what it measures. wrk2 (the open-loop wrk) is not packaged 
 Debian; ``wrk`` is closed loop. The benchmark reports this process's CPU time next
 to the servers' so its cost is visible.
 
-Every run is bounded: ``rate * duration`` requests at most, and a drain deadline after
-the last one is scheduled; nothing outlives ``run_step``.
+Connections: each of ``connections`` workers holds one keep-alive connection and sends
+one request at a time on it. A burst of N therefore needs N idle connections to go out
+at once; requests that find none wait in the generator's queue (FIFO) for the next
+free connection. That wait still counts in their latency (it runs from the scheduled
+time), shows as *send lag*, and each such request is counted in ``conn_waits``, so a
+generator short of connections is visible in the report, not silently turned into a
+slower arrival process.
+
+Every run is bounded: the schedule's length (``rate * duration`` requests on average)
+and a drain deadline after the step's end; nothing outlives ``run_step``.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
+
+from loadtests.bench.arrivals import Step
 
 # A request that has not answered after this long is an error (the gateway's own total
 # budget is 50 ms; two seconds is far past anything the gateway should ever take).
@@ -61,6 +72,18 @@ class StepResult:
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
     unsent: int = 0  # scheduled but never sent before the drain deadline
+    arrivals: Step | None = None
+    # Requests released when no connection was idle: they queued in the generator.
+    conn_waits: int = 0
+    span_s: float = 0.0  # the time the schedule stands for (see Step.span_s)
+
+    @property
+    def achieved_rps(self) -> float:
+        """Answered requests per second, over the schedule's span or the wall time it
+        took, whichever is longer (a burst step ends with a burst, not after its gap)."""
+        ok = sum(s.ok for s in self.samples)
+        span = max(self.wall_s, self.span_s)
+        return ok / span if span else 0.0
 
     @property
     def errors(self) -> int:
@@ -119,23 +142,33 @@ async def run_step(
     duration_s: float,
     connections: int,
     classify: Classify = classify_gateway,
+    arrivals: Step | None = None,
 ) -> StepResult:
-    """Send ``rate * duration_s`` requests on schedule over ``connections`` keep-alive
-    connections, cycling through ``requests``; return every sample."""
-    n = max(1, int(rate * duration_s))
-    result = StepResult(rate, duration_s, n)
+    """Send one step's requests on schedule over ``connections`` keep-alive connections,
+    cycling through ``requests``; return every sample.
+
+    The schedule comes from ``arrivals`` (default: constant at ``rate``; when given, its
+    own rate is the step's)."""
+    step = arrivals or Step("constant", rate)
+    offsets = step.schedule(duration_s).tolist()
+    n = len(offsets)
+    result = StepResult(step.rate, duration_s, n, arrivals=step, span_s=step.span_s(n, duration_s))
     queue: asyncio.Queue[float | None] = asyncio.Queue()
     samples = result.samples
     perf = time.perf_counter
     counter = iter(range(1 << 62))
+    idle = 0  # workers waiting on the queue (each with its connection free)
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.wait_for(asyncio.open_connection(host, port), REQUEST_TIMEOUT_S)
 
     async def worker() -> None:
+        nonlocal idle
         conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         while True:
+            idle += 1
             sched = await queue.get()
+            idle -= 1
             if sched is None:
                 break
             sent = perf()
@@ -160,18 +193,23 @@ async def run_step(
             conn[1].close()
 
     workers = [asyncio.create_task(worker()) for _ in range(connections)]
-    interval = 1.0 / rate
+    await asyncio.sleep(0)  # let every worker reach the queue before the clock starts
     t_start = perf() + 0.01
     k = 0
     while k < n:
         now = perf()
         # Release every request whose time has come (the event loop wakes up about once
         # a millisecond; latency still counts from each request's own scheduled time).
-        while k < n and t_start + k * interval <= now:
-            queue.put_nowait(t_start + k * interval)
+        # A burst is released here in one go, all its requests with the same time.
+        while k < n and t_start + offsets[k] <= now:
+            queue.put_nowait(t_start + offsets[k])
+            # A released request sits in the queue until a worker takes it; more queued
+            # than idle workers means this one has no free connection.
+            if queue.qsize() > idle:
+                result.conn_waits += 1
             k += 1
         if k < n:
-            await asyncio.sleep(max(0.0, t_start + k * interval - perf()))
+            await asyncio.sleep(max(0.0, t_start + offsets[k] - perf()))
     for _ in workers:
         queue.put_nowait(None)
     _, pending = await asyncio.wait(workers, timeout=t_start + duration_s + DRAIN_S - perf())

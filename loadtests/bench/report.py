@@ -35,8 +35,18 @@ def capacity(sc: dict[str, Any] | None, p99_ms: float = SLO_P99_MS) -> float:
     return max((r["achieved_rps"] for r in sc["steps"] if holds(r, p99_ms)), default=0.0)
 
 
+def arrivals_label(row: dict[str, Any]) -> str:
+    """The arrival process of one step, short: ``constant``, ``poisson``, ``burst 20/100ms``."""
+    a = row.get("arrivals") or {"process": "constant"}
+    if a["process"] == "burst":
+        return f"burst {a['burst_size']}/{round(a['burst_interval_ms'], 1):g}ms"
+    return str(a["process"])
+
+
 def cpu_ms_per_request(row: dict[str, Any]) -> float | None:
     """CPU milliseconds the server process spent per answered request in a step."""
+    if row.get("server_cpu_ms_per_request") is not None:
+        return float(row["server_cpu_ms_per_request"])
     server = row["cpu_cores"].get("server")
     if server is None or not row["achieved_rps"]:
         return None
@@ -77,10 +87,10 @@ def headline(data: dict[str, Any]) -> dict[str, Any]:
 
 def _ladder_table(sc: dict[str, Any]) -> list[str]:
     lines = [
-        "| rate/s | achieved/s | P50 ms | P95 ms | P99 ms | P99.9 ms | errors | fallback "
-        "| send lag P99 ms | server CPU ms/req "
+        "| rate/s | arrivals | achieved/s | P50 ms | P95 ms | P99 ms | P99.9 ms | errors "
+        "| fallback | send lag P99 ms | waited for a connection | server CPU ms/req "
         "| CPU cores: server / triton / redis / generator / others |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in sc["steps"]:
         cpu = r["cpu_cores"]
@@ -88,9 +98,10 @@ def _ladder_table(sc: dict[str, Any]) -> list[str]:
         cores = " / ".join(_f(cpu[k]) if k in cpu else "-" for k in who)
         mark = "" if holds(r) else " ✗"
         lines.append(
-            f"| {r['rate']:.0f} | {r['achieved_rps']:.0f} | {_f(r['p50_ms'])} | "
-            f"{_f(r['p95_ms'])} | {_f(r['p99_ms'])}{mark} | {_f(r['p999_ms'])} | "
-            f"{r['error_rate']:.1%} | {r['fallback_rate']:.1%} | {_f(r.get('send_lag_p99_ms'))} | "
+            f"| {r['rate']:.0f} | {arrivals_label(r)} | {r['achieved_rps']:.0f} | "
+            f"{_f(r['p50_ms'])} | {_f(r['p95_ms'])} | {_f(r['p99_ms'])}{mark} | "
+            f"{_f(r['p999_ms'])} | {r['error_rate']:.1%} | {r['fallback_rate']:.1%} | "
+            f"{_f(r.get('send_lag_p99_ms'))} | {r.get('conn_waits', 0)} | "
             f"{_f(cpu_ms_per_request(r), 3)} | {cores} |"
         )
     kinds = [
@@ -130,19 +141,87 @@ def _stage_table(sc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _arrivals_section(by: dict[str, dict[str, Any]]) -> list[str]:
+    """The same gateway under each arrival process, rate by rate."""
+    names = [
+        n for n in ("gateway", "gateway-poisson", "gateway-burst", "gateway-locust") if n in by
+    ]
+    if len(names) < 2:
+        return []
+    rows = {n: {round(r["rate"]): r for r in by[n]["steps"]} for n in names}
+    rates = sorted(set().union(*(rows[n].keys() for n in names)))
+    lines = [
+        "",
+        "## The same gateway under different arrival processes",
+        "",
+        "P50 / P99 ms (fallback share) per step, each row at the same mean rate; a blank "
+        "cell: that scenario's ladder had already stopped. "
+        + "; ".join(f"`{n}`: {by[n].get('arrivals', 'constant')}" for n in names)
+        + (
+            "; `gateway-locust` also draws 10–200 items per request (the others 50)."
+            if "gateway-locust" in names
+            else "."
+        ),
+        "",
+        "| rate/s | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---:|" + "---|" * len(names),
+    ]
+    for rate in rates:
+        cells = []
+        for n in names:
+            r = rows[n].get(rate)
+            cells.append(
+                ""
+                if r is None
+                else f"{_f(r['p50_ms'])} / {_f(r['p99_ms'])} "
+                f"({r['fallback_rate']:.1%})" + ("" if holds(r) else " ✗")
+            )
+        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
 
 
 def command(cfg: dict[str, Any]) -> str:
     """The command line that reproduces a run with these settings (defaults left out)."""
+    from loadtests.bench.run import FULL_RATES, QUICK_RATES
+    from loadtests.bench.scenarios import SCENARIOS
+
     cmd = "python -m loadtests.bench"
+    quick = cfg.get("quick", False)
+    if quick:
+        cmd += " --quick"
+    opts = cfg.get("arrivals_options") or {}
+    # Burst size and interval both given fix the rate: no --rates then.
+    fixed_rate = bool(opts.get("burst_size") and opts.get("burst_interval_ms"))
+    if "rates" in cfg and not fixed_rate and cfg["rates"] != (QUICK_RATES if quick else FULL_RATES):
+        cmd += " --rates " + ",".join(f"{r:g}" for r in cfg["rates"])
+    if cfg.get("step_seconds", 5.0) != (1.0 if quick else 5.0):
+        cmd += f" --duration {cfg['step_seconds']:g}"
+    if cfg.get("seed", 1) != 1:
+        cmd += f" --seed {cfg['seed']}"
+    if cfg.get("items_per_request", 50) != 50:
+        cmd += f" --items {cfg['items_per_request']}"
+    if cfg.get("connections", 64) != 64:
+        cmd += f" --connections {cfg['connections']}"
+    core = [s.name for s in SCENARIOS if "core" in s.tags]
+    ran = [n for n in cfg.get("scenarios", core) if n != "gateway-before"]
+    if ran != core:
+        cmd += " --scenarios " + ",".join(ran)
     if cfg.get("baseline_ref"):
         cmd += f" --baseline-ref {cfg['baseline_ref']}"
     if cfg.get("baseline_paths"):
         cmd += " --baseline-paths " + ",".join(cfg["baseline_paths"])
     if cfg.get("gateway_workers", 1) != 1:
         cmd += f" --workers {cfg['gateway_workers']}"
+    if opts.get("kind", "constant") != "constant":
+        cmd += f" --arrivals {opts['kind']}"
+        if opts.get("burst_size"):
+            cmd += f" --burst-size {opts['burst_size']}"
+        if opts.get("burst_interval_ms"):
+            cmd += f" --burst-interval-ms {opts['burst_interval_ms']:g}"
     return cmd
 
 
@@ -154,14 +233,17 @@ def markdown(data: dict[str, Any], plot_name: str) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Run {m['date']}, `{command(cfg)}` ({data['wall_seconds']:.0f} s wall).",
+        f"Run {m['date']}, `{command(cfg)}` ({data['wall_seconds']:.0f} s wall), "
+        f"code at {m.get('code', 'an unrecorded commit')}.",
         "",
         f"- Machine: {m['cpu']}, {m['memory']} RAM, {m['os']}; shared and noisy.",
         f"- Python {m['python']}, redis-server {m['redis']}, Triton {m['triton']}.",
         f"- Everything on loopback on that one machine: generator, gateway "
         f"({cfg['gateway_workers']} worker), Redis, Triton.",
-        f"- {cfg['items_per_request']} items per request, Zipf users and items, 2 % unknown ids; "
-        f"open-loop constant arrival rate, latency from each request's scheduled send time; "
+        f"- {cfg['items_per_request']} items per request unless a scenario says otherwise, Zipf "
+        f"users and items, 2 % unknown ids; open loop, arrival process "
+        f"{cfg.get('arrivals', 'constant')} unless a scenario pins its own (column *arrivals*), "
+        f"latency from each request's scheduled send time; "
         f"{cfg['step_seconds']:g} s per step after a {cfg['warmup_seconds']:g} s warm-up, up to "
         f"{cfg['connections']} keep-alive connections.",
         "",
@@ -217,9 +299,9 @@ def markdown(data: dict[str, Any], plot_name: str) -> str:
         f"Throughput at P99 ≤ {SLO_P99_MS:g} ms: the highest achieved rate among the steps whose "
         f"P99 met it with at most {HOLD_MAX_BAD:.0%} errors or fallbacks (✗ marks the others).",
         "",
-        "| scenario | throughput at P99 ≤ 25 ms | peak achieved | CPU ms/request at peak "
-        "(all our processes) | what it is |",
-        "|---|---:|---:|---:|---|",
+        "| scenario | arrivals | throughput at P99 ≤ 25 ms | peak achieved "
+        "| CPU ms/request at peak (all our processes) | what it is |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for s in data["scenarios"]:
         peak = max(s["steps"], key=lambda r: r["achieved_rps"], default=None)
@@ -228,9 +310,10 @@ def markdown(data: dict[str, Any], plot_name: str) -> str:
             ours = sum(v for k, v in peak["cpu_cores"].items() if k != "others")
             cpu = ours / peak["achieved_rps"] * 1e3
         lines.append(
-            f"| {s['label']} | {caps[s['name']]:.0f}/s | "
+            f"| {s['label']} | {s.get('arrivals', 'constant')} | {caps[s['name']]:.0f}/s | "
             f"{peak['achieved_rps'] if peak else 0:.0f}/s | {_f(cpu)} | {s['notes']} |"
         )
+    lines += _arrivals_section(by)
 
     gw8, gw32 = by.get("gateway"), by.get("gateway-fp32")
     if gw8 and gw32:
@@ -324,14 +407,15 @@ def plot(data: dict[str, Any], path: Path) -> None:
         if not pts:
             continue
         x, p99, p50 = zip(*pts, strict=True)
-        (line,) = ax.plot(x, p99, marker="o", label=f"{s['label']} P99")
+        label = f"{s['label']} [{s.get('arrivals', 'constant')}]"
+        (line,) = ax.plot(x, p99, marker="o", label=f"{label} P99")
         ax.plot(x, p50, marker=".", linestyle=":", color=line.get_color(), alpha=0.7)
     ax.axhline(SLO_P99_MS, color="grey", linestyle="--", linewidth=1)
     ax.text(ax.get_xlim()[0], SLO_P99_MS * 1.05, f" P99 target {SLO_P99_MS:g} ms", color="grey")
     ax.set_yscale("log")
     ax.set_xlabel("achieved throughput (requests/s)")
     ax.set_ylabel("latency from scheduled send (ms); solid P99, dotted P50")
-    ax.set_title(f"/predict, 50 items, open loop — {data['machine']['date']}")
+    ax.set_title(f"/predict, open loop — {data['machine']['date']}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

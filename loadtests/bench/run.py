@@ -15,6 +15,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,21 @@ from typing import Any
 import numpy as np
 import psutil
 import uvloop
-from tests.procs import RedisServer, TritonServer
+from tests.procs import ROOT, RedisServer, TritonServer
 
 from gateway.features.loader import load
 from loadtests.bench import loadgen, promstats
+from loadtests.bench.arrivals import Arrivals
 from loadtests.bench.scenarios import SCENARIOS, Scenario, Shared, Target
 from loadtests.bench.stack import export_src, self_cpu_s, tree_cpu_s
 from loadtests.bench.workload import Workload
 
 log = logging.getLogger("bench")
+
+# Full ladder: from a rate where every scenario is idle to past where the gateway
+# saturates on two cores; the low rungs resolve the naive app's capacity.
+FULL_RATES = [10, 25, 50, 100, 200, 300, 400, 600, 800, 1000, 1300]
+QUICK_RATES = [20, 60]
 
 # Saturation: once a step is this bad, higher rates only measure the collapse; the
 # ladder stops for that scenario (keeps a full run near ten minutes).
@@ -59,6 +66,8 @@ class Config:
     bodies: int = 2_000
     seed: int = 1
     quiet_max_wait_s: float = QUIET_MAX_WAIT_S
+    arrivals: Arrivals = field(default_factory=Arrivals)
+    quick: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,9 +86,11 @@ def summarize(step: loadgen.StepResult, expects_model: bool) -> dict[str, Any]:
     fb = sum(s.fallback for s in ok)
     row: dict[str, Any] = {
         "rate": step.rate,
+        "arrivals": step.arrivals.as_dict() if step.arrivals else {"process": "constant"},
         "scheduled": n,
         "ok": len(ok),
-        "achieved_rps": len(ok) / step.wall_s if step.wall_s else 0.0,
+        "achieved_rps": step.achieved_rps,
+        "conn_waits": step.conn_waits,
         "error_rate": step.errors / n,
         "fallback_rate": fb / n,
         "p50_ms": p50,
@@ -170,9 +181,10 @@ def _stages(url: str | None, before: dict[str, Any] | None) -> tuple[dict[str, A
 class _Live:
     """One started scenario inside a run: its target, requests, scrape state and steps."""
 
-    def __init__(self, sc: Scenario, target: Target) -> None:
+    def __init__(self, sc: Scenario, target: Target, arrivals: Arrivals) -> None:
         self.sc = sc
         self.target = target
+        self.arrivals = arrivals
         self.reqs = loadgen.build_requests(
             "127.0.0.1", target.port, target.path, target.bodies, target.headers
         )
@@ -188,7 +200,7 @@ class _Live:
         return runner.run(
             loadgen.run_step(
                 "127.0.0.1", self.target.port, self.reqs, rate, duration, cfg.connections,
-                self.target.classify,
+                self.target.classify, self.arrivals.at(rate),
             )
         )  # fmt: skip
 
@@ -197,6 +209,8 @@ class _Live:
             "name": self.sc.name,
             "label": self.sc.label,
             "notes": self.sc.notes,
+            "arrivals": self.arrivals.describe(),
+            "items": list(self.sc.items) if self.sc.items else None,
             "steps": self.steps,
             "seconds": self.busy_s,
         }
@@ -207,18 +221,22 @@ def _measure(runner: asyncio.Runner, live: _Live, cfg: Config, rate: float) -> N
     target = live.target
     waited = wait_quiet(list(target.pids.values()), cfg.quiet_max_wait_s)
     c0 = _cpu(target.pids)
+    t_cpu = time.perf_counter()
     res = live.step(runner, cfg, rate, cfg.duration_s)
     c1 = _cpu(target.pids)
     row = summarize(res, target.expects_model)
-    row["cpu_cores"] = _cores(c0, c1, res.wall_s)
+    row["cpu_cores"] = _cores(c0, c1, time.perf_counter() - t_cpu)
+    if row["ok"] and "server" in c0:
+        row["server_cpu_ms_per_request"] = (c1["server"] - c0["server"]) / row["ok"] * 1e3
     row["quiet_wait_s"] = waited
     row["stages"], live.scrape = _stages(target.metrics_url, live.scrape)
     live.steps.append(row)
     log.info(
         "%-15s %6.0f/s -> %6.0f/s  p50 %7.2f  p99 %7.2f ms  lag99 %.2f  err %.3f  fb %.3f"
-        "  cpu %s",
-        live.sc.name, rate, row["achieved_rps"], row["p50_ms"] or -1, row["p99_ms"] or -1,
-        row["send_lag_p99_ms"] or -1, row["error_rate"], row["fallback_rate"],
+        "  connwait %d  cpu %s",
+        live.sc.name, row["rate"], row["achieved_rps"], row["p50_ms"] or -1,
+        row["p99_ms"] or -1, row["send_lag_p99_ms"] or -1, row["error_rate"],
+        row["fallback_rate"], row["conn_waits"],
         " ".join(f"{k}={v:.2f}" for k, v in row["cpu_cores"].items()),
     )  # fmt: skip
     if (
@@ -235,7 +253,7 @@ def run_group(
     runner: asyncio.Runner,
     group: list[Scenario],
     shared: Shared,
-    bodies: list[bytes],
+    bodies: Callable[[Scenario], list[bytes]],
     cfg: Config,
 ) -> list[dict[str, Any]]:
     """Run scenarios over the ladder; a group of several is interleaved step by step.
@@ -247,7 +265,7 @@ def run_group(
     lives: list[_Live] = []
     try:
         for sc in group:
-            lives.append(_Live(sc, sc.start(shared, bodies)))
+            lives.append(_Live(sc, sc.start(shared, bodies(sc)), sc.arrivals or cfg.arrivals))
         for live in lives:
             # Warm up: connections, pools, the breaker's view of a dead Triton.
             live.step(runner, cfg, cfg.rates[0], cfg.warmup_s)
@@ -265,6 +283,19 @@ def run_group(
     return [live.result() for live in lives]
 
 
+def code_version() -> str:
+    """The commit the measured gateway code comes from, and whether src/gateway differed."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "src/gateway")
+    return f"{head}" + (" with uncommitted changes in src/gateway" if dirty else "")
+
+
 def machine() -> dict[str, str]:
     cpu = "unknown CPU"
     try:
@@ -278,6 +309,7 @@ def machine() -> dict[str, str]:
         ["redis-server", "--version"], capture_output=True, text=True, check=False
     ).stdout.split()
     return {
+        "code": code_version(),
         "cpu": f"{cpu}, {os.cpu_count()} logical CPUs",
         "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
         "os": platform.platform(),
@@ -305,7 +337,20 @@ def run(cfg: Config) -> dict[str, Any]:
                 else None
             )
             shared = Shared(redis, triton, log_dir, baseline_src, cfg.workers)
-            bodies = Workload(seed=cfg.seed).bodies(cfg.bodies, cfg.items)
+            cache: dict[tuple[int, int] | None, list[bytes]] = {}
+
+            def bodies(sc: Scenario) -> list[bytes]:
+                # One body set per item-count spec, drawn once: scenarios with the same
+                # spec send the very same requests.
+                if sc.items not in cache:
+                    if sc.items is None:
+                        cache[None] = Workload(seed=cfg.seed).bodies(cfg.bodies, cfg.items)
+                    else:
+                        lo, hi = sc.items
+                        wl = Workload(seed=cfg.seed, min_items=lo, max_items=hi)
+                        cache[sc.items] = wl.bodies(cfg.bodies)
+                return cache[sc.items]
+
             results: list[dict[str, Any]] = []
             # The before/after pair runs interleaved; every other scenario on its own.
             paired = {"gateway", "gateway-before"}
@@ -330,6 +375,17 @@ def run(cfg: Config) -> dict[str, Any]:
             "warmup_seconds": cfg.warmup_s,
             "items_per_request": cfg.items,
             "connections": cfg.connections,
+            "scenarios": cfg.scenarios,
+            "quick": cfg.quick,
+            "seed": cfg.seed,
+            "arrivals": cfg.arrivals.describe(),
+            "arrivals_options": {
+                "kind": cfg.arrivals.kind,
+                "burst_size": cfg.arrivals.burst_size,
+                "burst_interval_ms": (
+                    cfg.arrivals.burst_interval_s * 1e3 if cfg.arrivals.burst_interval_s else None
+                ),
+            },
             "gateway_workers": cfg.workers,
             "baseline_ref": cfg.baseline_ref,
             "baseline_paths": cfg.baseline_paths,

@@ -1,7 +1,9 @@
 """What the benchmark measures: one scenario per way of answering the same request.
 
-Every scenario answers 50-item /predict requests (or, for Triton direct, the 50-row
-batch such a request becomes) on the same Redis data and the same model files.
+Every scenario answers /predict requests (or, for Triton direct, the batch such a
+request becomes) on the same Redis data and the same model files: 50 items each
+(``--items``) unless the scenario draws its own item counts, under the run's arrival
+process (``--arrivals``) unless the scenario pins its own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from tests.procs import GatewayServer, RedisServer, TritonServer, free_port
 from gateway.schema import SCHEMA
 from gateway.synth import make_world
 from loadtests.bench import loadgen
-from loadtests.bench.stack import NaiveServer, start_gateway
+from loadtests.bench.arrivals import Arrivals
+from loadtests.bench.stack import MinimalServer, NaiveServer, start_gateway
 
 JSON = {"Content-Type": "application/json"}
 
@@ -55,6 +58,8 @@ class Scenario:
     start: Callable[[Shared, list[bytes]], Target]
     notes: str = ""
     tags: set[str] = field(default_factory=set)
+    arrivals: Arrivals | None = None  # pinned arrival process; None: the run's --arrivals
+    items: tuple[int, int] | None = None  # item count drawn uniformly here; None: --items
 
 
 def _gateway_target(
@@ -106,6 +111,33 @@ def gateway_breaker_tuned(shared: Shared, bodies: list[bytes]) -> Target:
         "GATEWAY_BREAKER_RESET_TIMEOUT_S": "0.5",
     }
     return _gateway_target(shared, bodies, env, "gateway-breaker-tuned")
+
+
+def gateway_cpu(shared: Shared, bodies: list[bytes]) -> Target:
+    # Redis features, in-process onnxruntime (GATEWAY_TRITON_URL unset): the
+    # counterpart of minimal-cpu.
+    env = {"GATEWAY_REDIS_URL": shared.redis.url, "GATEWAY_LOG_LEVEL": "WARNING"}
+    return _gateway_target(shared, bodies, env, "gateway-cpu")
+
+
+def _minimal(shared: Shared, bodies: list[bytes], mode: str) -> Target:
+    log_path = shared.log_dir / f"minimal-{mode}.log"
+    srv = MinimalServer(mode, shared.redis.url, shared.triton.grpc_url, log_path=log_path)
+    srv.start()
+    pids = {"server": srv.proc.pid, "redis": shared.redis.proc.pid}  # type: ignore[union-attr]
+    if mode == "triton":
+        pids["triton"] = shared.triton.proc.pid  # type: ignore[union-attr]
+    return Target(
+        srv.port, "/predict", JSON, bodies, loadgen.classify_gateway, pids, None, srv.stop
+    )  # fmt: skip
+
+
+def minimal_triton(shared: Shared, bodies: list[bytes]) -> Target:
+    return _minimal(shared, bodies, "triton")
+
+
+def minimal_cpu(shared: Shared, bodies: list[bytes]) -> Target:
+    return _minimal(shared, bodies, "cpu")
 
 
 def gateway_embedded(shared: Shared, bodies: list[bytes]) -> Target:
@@ -214,7 +246,36 @@ SCENARIOS = [
         "breaker open, rule-based scorer answers", {"core"},
     ),
     Scenario(
+        "gateway-poisson", "gateway INT8, Poisson arrivals", gateway_int8,
+        "same server as gateway; exponential inter-arrival times (seeded)", {"core"},
+        arrivals=Arrivals("poisson"),
+    ),
+    Scenario(
+        "gateway-burst", "gateway INT8, bursts of 20", gateway_int8,
+        "same server as gateway; 20 requests at once every 20/rate s (100 ms at 200/s)",
+        {"core"}, arrivals=Arrivals("burst", burst_size=20),
+    ),
+    Scenario(
+        "gateway-locust", "gateway INT8, locust traffic (bursts of 20, 10-200 items)",
+        gateway_int8,
+        "bursts of 20 as locust's 20 users spawned together; 10-200 items per request",
+        {"core"}, arrivals=Arrivals("burst", burst_size=20), items=(10, 200),
+    ),
+    Scenario(
         "gateway-before", "gateway before this change (INT8)", gateway_before,
         "--baseline-ref: src/gateway from that git revision", {"baseline"},
+    ),
+    Scenario(
+        "gateway-cpu", "gateway, Redis + in-process onnxruntime", gateway_cpu,
+        "GATEWAY_REDIS_URL set, GATEWAY_TRITON_URL unset", {"minimal"},
+    ),
+    Scenario(
+        "minimal-triton", "minimal app: MGET + Triton gRPC", minimal_triton,
+        "loadtests/minimal_app.py: no budgets, breakers, retries, admission, metrics",
+        {"minimal"},
+    ),
+    Scenario(
+        "minimal-cpu", "minimal app: MGET + inline onnxruntime", minimal_cpu,
+        "loadtests/minimal_app.py, onnxruntime session.run on the event loop", {"minimal"},
     ),
 ]  # fmt: skip

@@ -1,8 +1,9 @@
 """The processes under test, started on free loopback ports, and their CPU time.
 
 Reuses the servers the test suite starts (``tests/procs.py``): the same redis-server,
-local Triton and ``gateway serve``. Adds the naive app and a way to run the gateway
-from another git revision (the "before" of a change), both as plain subprocesses.
+local Triton and ``gateway serve``. Adds the naive and minimal apps and a way to run
+the gateway from another git revision (the "before" of a change), all as plain
+subprocesses.
 """
 
 from __future__ import annotations
@@ -65,24 +66,73 @@ class NaiveServer:
             NAIVE_TRITON_HTTP=self.triton_http,
             NAIVE_MODEL_NAME=self.model_name,
         )
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "uvicorn", "loadtests.naive_app:app", "--port", str(self.port),
-             "--host", "127.0.0.1", "--loop", "uvloop", "--http", "httptools",
-             "--no-access-log", "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
+        self.proc = _uvicorn(["loadtests.naive_app:app"], self.port, env, self.log_path)
         wait_http(f"{self.url}/healthz", timeout, self.proc)
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc)
+
+
+def _uvicorn(
+    app: list[str], port: int, env: dict[str, str], log_path: Path | None
+) -> subprocess.Popen:
+    """uvicorn with the gateway's server settings (gateway/server.py): uvloop, httptools,
+    one worker, no access log."""
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            [PYTHON, "-m", "uvicorn", *app, "--port", str(port), "--host", "127.0.0.1",
+             "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+             "--log-level", "warning"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+    finally:
+        if log is not subprocess.DEVNULL:
+            log.close()  # the child holds its own copy of the descriptor
+
+
+def _terminate(proc: subprocess.Popen | None) -> None:
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class MinimalServer:
+    """``loadtests/minimal_app.py`` in one mode: ``triton`` (MGET + Triton gRPC) or
+    ``cpu`` (MGET + inline onnxruntime), with the gateway's server settings."""
+
+    mode: str
+    redis_url: str
+    triton_grpc: str = ""
+    model_name: str = "ctr"
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> MinimalServer:
+        if self.mode not in ("triton", "cpu"):
+            raise ValueError(f"minimal app mode must be triton or cpu, not {self.mode!r}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MINIMAL_")}
+        env.update(MINIMAL_REDIS_URL=self.redis_url, MINIMAL_MODEL_NAME=self.model_name)
+        if self.mode == "triton":
+            env["MINIMAL_TRITON_URL"] = self.triton_grpc
+        app = f"loadtests.minimal_app:create_{self.mode}_app"
+        self.proc = _uvicorn(["--factory", app], self.port, env, self.log_path)
+        wait_http(f"{self.url}/healthz", timeout, self.proc)
+        return self
+
+    def stop(self) -> None:
+        _terminate(self.proc)
 
 
 def export_src(ref: str, dest: Path, only: list[str] | None = None) -> Path:
