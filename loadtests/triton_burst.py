@@ -31,15 +31,16 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tritonclient.grpc.aio as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.errors import InferenceError, InferenceTimeout, InferenceUnavailable
-from gateway.inference.triton import TritonBackend
+from gateway.inference.triton import TritonBackend, grpc_target
 from gateway.schema import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,15 +77,15 @@ class RunResult:
     round: int
     requests: int
     outcomes: dict[str, int]
-    # Requests Triton failed, any reason: REJECTED (queue policy timeout) or CANCELED
-    # (the client's deadline passed while the request sat in Triton's queue).
+    # Requests Triton failed, any reason (its statistics extension): REJECTED (queue
+    # policy timeout) or CANCELED (the client's deadline passed while the request sat
+    # in Triton's queue), by reason in ``triton`` when its /metrics were read.
     dropped: int
-    rejected: int  # REJECTED alone
+    rejected: int | None  # REJECTED alone; None without /metrics
     latency_ms: dict[str, float | None]  # every request, whatever its outcome
     ok_latency_ms: dict[str, float | None]
     triton: dict[str, float | None]
     wall_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _pct(values: list[float]) -> dict[str, float | None]:
@@ -151,9 +152,9 @@ def _triton_summary(before: dict[str, float], after: dict[str, float]) -> dict[s
     return out
 
 
-async def _fail_stats(backend: TritonBackend, model: str) -> tuple[int, int]:
+async def _fail_stats(client: grpcclient.InferenceServerClient, model: str) -> tuple[int, int]:
     """(count, ns) of failed requests from Triton's statistics extension."""
-    stats = await backend._c().get_inference_statistics(model, as_json=True)
+    stats = await client.get_inference_statistics(model, as_json=True, client_timeout=5)
     fail = stats["model_stats"][0]["inference_stats"].get("fail", {})
     return int(fail.get("count", 0)), int(fail.get("ns", 0))
 
@@ -182,6 +183,7 @@ async def run_bursts(
     pool = rng.standard_normal((load.max_rows, SCHEMA.input_width)).astype(np.float32)
     backend = TritonBackend(grpc_url, model)
     await backend.start()
+    stats_client = grpcclient.InferenceServerClient(grpc_target(grpc_url))
     timeout_s = load.timeout_ms / 1e3
     outcomes: Counter[str] = Counter()
     lat: list[float] = []
@@ -209,7 +211,7 @@ async def run_bursts(
         ok_lat.clear()
         await asyncio.sleep(0.3)
         before = scrape(metrics_url, model) if metrics_url else {}
-        fail0 = await _fail_stats(backend, model)
+        fail0 = await _fail_stats(stats_client, model)
         tasks: list[asyncio.Task[None]] = []
         start = time.perf_counter()
         report_every = max(1, load.bursts // 5)
@@ -231,9 +233,10 @@ async def run_bursts(
         # (up to 500 ms later, see the results file); wait for the counters to settle.
         await asyncio.sleep(1.0)
         after = scrape(metrics_url, model) if metrics_url else {}
-        fail1 = await _fail_stats(backend, model)
+        fail1 = await _fail_stats(stats_client, model)
     finally:
         await backend.close()
+        await stats_client.close()
     triton = _triton_summary(before, after) if metrics_url else {}
     nfail = fail1[0] - fail0[0]
     triton["failed_mean_ms_in_triton"] = (
@@ -244,8 +247,8 @@ async def run_bursts(
         round=round_no,
         requests=load.bursts * load.size,
         outcomes=dict(sorted(outcomes.items())),
-        dropped=int(sum(v or 0 for k, v in triton.items() if k.startswith("failure_"))),
-        rejected=int(triton.get("failure_REJECTED") or 0),
+        dropped=nfail,
+        rejected=int(triton.get("failure_REJECTED") or 0) if metrics_url else None,
         latency_ms=_pct(lat),
         ok_latency_ms=_pct(ok_lat),
         triton=triton,
@@ -256,17 +259,18 @@ async def run_bursts(
 def describe(r: RunResult) -> str:
     """One line: what the client saw and what Triton counted."""
     t = r.triton
-    failures = {k[8:]: int(v or 0) for k, v in t.items() if k.startswith("failure_") and v}
     return (
         f"{r.label or 'run'} r{r.round}: {r.requests} requests, dropped by Triton {r.dropped} "
-        f"({failures or 'none'}), client {r.outcomes}; latency (all) P50/P99/max "
-        f"{r.latency_ms['p50']}/"
-        f"{r.latency_ms['p99']}/{r.latency_ms['max']} ms, ok P99 {r.ok_latency_ms['p99']} ms; "
-        "Triton: failed requests spent "
-        f"{t.get('failed_mean_ms_in_triton')} ms there on average, queue "
-        f"{t.get('queue_ms_per_ok')} ms/ok, compute {t.get('compute_infer_ms_per_ok')} ms/ok, "
-        f"{t.get('requests_per_execution')} requests and {t.get('rows_per_execution')} rows "
-        "per execution"
+        f"({_reasons(r) or 'none' if r.rejected is not None else 'reasons need --metrics'}), "
+        f"client "
+        f"{r.outcomes}; latency (all) P50/P99/max {_cell(r.latency_ms['p50'])}/"
+        f"{_cell(r.latency_ms['p99'])}/{_cell(r.latency_ms['max'])} ms, ok P99 "
+        f"{_cell(r.ok_latency_ms['p99'])} ms; Triton: failed requests spent "
+        f"{_cell(t.get('failed_mean_ms_in_triton'))} ms there on average, queue "
+        f"{_cell(t.get('queue_ms_per_ok'))} ms/ok, compute "
+        f"{_cell(t.get('compute_infer_ms_per_ok'))} ms/ok, "
+        f"{_cell(t.get('requests_per_execution'))} requests and "
+        f"{_cell(t.get('rows_per_execution'))} rows per execution"
     )
 
 
@@ -375,6 +379,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cell(v: object) -> str:
+    return "-" if v is None else str(v)
+
+
+def _reasons(r: RunResult) -> str:
+    """Triton's failures by reason, e.g. ``CANCELED 432``; empty when none or unknown."""
+    return ", ".join(
+        f"{k.removeprefix('failure_')} {int(v)}"
+        for k, v in r.triton.items()
+        if k.startswith("failure_") and v
+    )
+
+
 def _markdown(results: list[RunResult], load: Load, argv: list[str], note: str) -> str:
     labels = list(dict.fromkeys(r.label for r in results))
     lines = [
@@ -395,7 +412,7 @@ def _markdown(results: list[RunResult], load: Load, argv: list[str], note: str) 
         lines.append(f"- {note}")
     lines += [
         "",
-        "| target | round | dropped by Triton (REJECTED + CANCELED) | client ok / deadline "
+        "| target | round | dropped by Triton (by reason) | client ok / deadline "
         "| all P50 / P99 / max ms | ok P99 ms | failed: mean ms in Triton | queue ms/ok "
         "| requests / rows per execution |",
         "|---|---:|---:|---|---|---:|---:|---:|---|",
@@ -403,12 +420,12 @@ def _markdown(results: list[RunResult], load: Load, argv: list[str], note: str) 
     for r in results:
         t = r.triton
         lines.append(
-            f"| {r.label} | {r.round} | {r.dropped} ({r.rejected} + {r.dropped - r.rejected}) "
+            f"| {r.label} | {r.round} | {r.dropped} ({_reasons(r) or '-'}) "
             f"| {r.outcomes.get('ok', 0)} / {r.outcomes.get('deadline_exceeded', 0)} | "
-            f"{r.latency_ms['p50']} / {r.latency_ms['p99']} / {r.latency_ms['max']} | "
-            f"{r.ok_latency_ms['p99']} | {t.get('failed_mean_ms_in_triton')} | "
-            f"{t.get('queue_ms_per_ok')} | {t.get('requests_per_execution')} / "
-            f"{t.get('rows_per_execution')} |"
+            f"{_cell(r.latency_ms['p50'])} / {_cell(r.latency_ms['p99'])} / "
+            f"{_cell(r.latency_ms['max'])} | {_cell(r.ok_latency_ms['p99'])} | "
+            f"{_cell(t.get('failed_mean_ms_in_triton'))} | {_cell(t.get('queue_ms_per_ok'))} | "
+            f"{_cell(t.get('requests_per_execution'))} / {_cell(t.get('rows_per_execution'))} |"
         )
     lines += [
         "",
