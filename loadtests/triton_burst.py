@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
 
 from gateway.errors import InferenceError, InferenceTimeout, InferenceUnavailable
 from gateway.inference.triton import TritonBackend, grpc_target
@@ -295,6 +296,8 @@ def variant_repository(base: Path, model: str, config: Path, dest: Path) -> Path
 @contextmanager
 def local_triton(repo: Path, log_dir: Path, label: str) -> Iterator[tuple[str, str]]:
     """``gateway triton-local`` over ``repo``; yields (gRPC url, metrics url)."""
+    if not repo.is_dir():
+        raise SystemExit(f"error: model repository {repo} is not a folder")
     sys.path.insert(0, str(ROOT))
     from tests.procs import TritonServer  # the test suite's launcher: free ports, log
 
@@ -302,14 +305,29 @@ def local_triton(repo: Path, log_dir: Path, label: str) -> Iterator[tuple[str, s
     try:
         server.start()
     except Exception as exc:
+        server.stop()
+        log = server.log_path.read_text(errors="replace") if server.log_path else ""
+        last = next((line for line in reversed(log.splitlines()) if line.strip()), "")
         raise SystemExit(
-            f"error: the local Triton for {label!r} did not start ({exc}); "
-            f"its log: {server.log_path}"
+            f"error: the local Triton for {label!r} did not start ({exc}); last log line: {last}"
         ) from exc
     try:
         yield server.grpc_url, server.metrics_url
     finally:
         server.stop()
+
+
+async def check_target(grpc_url: str, model: str) -> None:
+    """Fail with one line unless ``model`` is ready on the Triton at ``grpc_url``."""
+    client = grpcclient.InferenceServerClient(grpc_target(grpc_url))
+    try:
+        ready = await client.is_model_ready(model, client_timeout=5)
+    except InferenceServerException as exc:
+        raise SystemExit(f"error: Triton at {grpc_url}: {exc.message()}") from None
+    finally:
+        await client.close()
+    if not ready:
+        raise SystemExit(f"error: model {model!r} is not ready on the Triton at {grpc_url}")
 
 
 # -- command line -----------------------------------------------------------------------
@@ -474,6 +492,8 @@ async def _amain(args: argparse.Namespace, argv: list[str]) -> int:
                 print(f"starting a local Triton for {label} ({config})", file=sys.stderr)
                 g, m = stack.enter_context(local_triton(repo, tmp, label))
                 targets.append((label, g, m))
+        for _, grpc_url, _ in targets:
+            await check_target(grpc_url, args.model)
         for rnd in range(1, args.rounds + 1):
             for label, grpc_url, metrics_url in targets:
                 r = await run_bursts(grpc_url, metrics_url, args.model, load, label, rnd)
