@@ -235,14 +235,16 @@ def ctr_repository(dest: Path, queue_full: bool = False) -> Path:
     assert n == 1, "config.pbtxt layout changed"
     if queue_full:
         subs = [
-            (r"max_queue_size: \d+", "max_queue_size: 1"),
             (r"max_batch_size: \d+", "max_batch_size: 128"),
-            (r"preferred_batch_size: \[[^]]*\]", "preferred_batch_size: [ 128 ]"),
-            (r"batch_size: 512", "batch_size: 128"),  # the warmup batch
+            (r"batch_size: 1024", "batch_size: 128"),  # the warmup batch
             # Hold each request up to 10 ms for a fuller batch: a second request in that
             # window finds the queue of one full. (Without it the queue drains in ~1 ms
-            # and overflows only when the CPU is saturated: a flaky test.)
-            (r"max_queue_delay_microseconds: \d+", "max_queue_delay_microseconds: 10000"),
+            # and overflows only when the CPU is saturated: a flaky test.) The committed
+            # config has no queue policy (see its comments); this one adds the size limit.
+            (
+                r"max_queue_delay_microseconds: \d+",
+                "max_queue_delay_microseconds: 10000\n  default_queue_policy { max_queue_size: 1 }",
+            ),
         ]
         for pattern, repl in subs:
             cfg, n = re.subn(pattern, repl, cfg)

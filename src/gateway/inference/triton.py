@@ -22,10 +22,30 @@ from tritonclient.utils import InferenceServerException
 from gateway.errors import InferenceError, InferenceTimeout, InferenceUnavailable
 from gateway.schema import SCHEMA
 
-# gRPC keepalive: notice a dead Triton within ~2 s instead of at the next request's
-# deadline; 1 s pings are well above Triton's default minimum ping interval policy.
+# gRPC keepalive inside what a Triton with default flags accepts. Triton's gRPC server keeps
+# gRPC's defaults (server grpc_server.h KeepAliveOptions; docs inference_protocols.md):
+# --grpc-keepalive-permit-without-calls 0, --grpc-http2-min-recv-ping-interval-without-data
+# 300000 ms, --grpc-http2-max-ping-strikes 2. It counts a ping as a strike when it comes less
+# than 5 minutes after the previous one with nothing sent by the server in between (2 hours
+# when no call is open), and answers the third strike with GOAWAY ENHANCE_YOUR_CALM
+# "too_many_pings", closing the connection. The old settings pinged every 1 s even with no
+# call open, without limit: 3 GOAWAYs in 40 s of light traffic with 15 s idle gaps
+# (tests/test_keepalive.py). So, client side only, because a managed Triton may not take our
+# server flags:
+# - no ping while no call is open (permit_without_calls off): an idle channel is silent;
+# - while a call is open, a ping once 1 s has passed with nothing received, and the
+#   connection is dropped when its ack takes over 1 s: a dead Triton under traffic is
+#   noticed within ~2 s. A live Triton's answers reset both that 1 s and its strike count,
+#   so it never sees three strikes; a hung one (no answers) gets GOAWAY'd, which is right;
+# - at most 2 pings until we send data again (gRPC's default; the old 0 meant no limit).
+# What an idle channel gives up is covered elsewhere: the next calls fail at their deadline
+# (30 ms), the breaker opens after GATEWAY_BREAKER_FAIL_MAX of them, and the keepalive runs
+# again during those calls and during /readyz checks (which wait up to 0.5 s).
 _KEEPALIVE = grpcclient.KeepAliveOptions(
-    keepalive_time_ms=1_000, keepalive_timeout_ms=1_000, keepalive_permit_without_calls=True
+    keepalive_time_ms=1_000,
+    keepalive_timeout_ms=1_000,
+    keepalive_permit_without_calls=False,
+    http2_max_pings_without_data=2,
 )
 _UNAVAILABLE = ("UNAVAILABLE", "failed to connect", "Connection refused", "Socket closed")
 
@@ -77,8 +97,11 @@ class TritonBackend:
             ("grpc.max_reconnect_backoff_ms", 1_000),
             ("grpc.keepalive_time_ms", _KEEPALIVE.keepalive_time_ms),
             ("grpc.keepalive_timeout_ms", _KEEPALIVE.keepalive_timeout_ms),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
+            (
+                "grpc.keepalive_permit_without_calls",
+                int(_KEEPALIVE.keepalive_permit_without_calls),
+            ),
+            ("grpc.http2.max_pings_without_data", _KEEPALIVE.http2_max_pings_without_data),
         ]
         self._client = grpcclient.InferenceServerClient(
             grpc_target(self.url), channel_args=channel_args
