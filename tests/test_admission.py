@@ -120,7 +120,7 @@ def test_waiters_get_freed_slots_newest_first_and_time_out() -> None:
     import asyncio
 
     async def go() -> None:
-        lim = AdaptiveLimit(ceiling=100, floor=1, initial=2)
+        lim = AdaptiveLimit(ceiling=2, floor=1, initial=2)  # at most 2 in flight, 2 waiting
         assert await lim.acquire(0.1) and await lim.acquire(0.1)
         order: list[str] = []
 
@@ -132,8 +132,8 @@ def test_waiters_get_freed_slots_newest_first_and_time_out() -> None:
         await asyncio.sleep(0.001)
         new = asyncio.ensure_future(wait("new"))
         await asyncio.sleep(0.001)
-        assert lim.waiting == 2  # at most `limit` waiters...
-        assert not await lim.acquire(0.5)  # ...so a third is shed at once
+        assert lim.waiting == 2 and lim.full()  # the backlog is full...
+        assert not await lim.acquire(0.5)  # ...so a third is refused at once
         lim.release()  # the slot goes to the newest waiter
         await new
         assert order == ["new:True"] and lim.inflight == 2
@@ -141,8 +141,18 @@ def test_waiters_get_freed_slots_newest_first_and_time_out() -> None:
         await old
         assert order == ["new:True", "old:True"]
         assert lim.inflight == 2 and lim.waiting == 0
-        assert not await lim.acquire(0.005)  # nobody releases: shed after the wait
+        t0 = asyncio.get_running_loop().time()
+        assert not await lim.acquire(0.010)  # nobody releases: refused after the wait
+        assert 0.010 <= asyncio.get_running_loop().time() - t0 < 0.050
         assert lim.waiting == 0 and lim.inflight == 2
+
+        # A waiter whose request is cancelled leaves no slot behind.
+        gone = asyncio.ensure_future(lim.acquire(1.0))
+        await asyncio.sleep(0.001)
+        gone.cancel()
+        await asyncio.sleep(0.001)
+        lim.release()
+        assert lim.inflight == 1
 
     asyncio.run(go())
 
@@ -150,4 +160,5 @@ def test_waiters_get_freed_slots_newest_first_and_time_out() -> None:
 def test_full_means_limit_and_backlog_both_full() -> None:
     lim = AdaptiveLimit(ceiling=100, floor=1, initial=2)
     assert lim.try_acquire() and lim.try_acquire()
-    assert not lim.full()  # two more may still wait
+    assert not lim.full()  # more may still wait
+    assert lim.full(can_wait=False)

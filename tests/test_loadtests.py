@@ -39,7 +39,7 @@ def test_benchmark_completes_on_a_tiny_ladder(tmp_path: Path) -> None:
     names = {s["name"] for s in data["scenarios"]}
     assert names == {
         "gateway", "gateway-before", "naive", "triton-direct", "embedded", "gateway-fp32",
-        "gateway-breaker-tuned", "fallback", "gateway-poisson", "gateway-burst",
+        "fallback", "gateway-poisson", "gateway-burst",
         "gateway-locust",
     }  # fmt: skip
     by = {s["name"]: s for s in data["scenarios"]}

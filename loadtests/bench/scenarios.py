@@ -102,17 +102,6 @@ def gateway_before(shared: Shared, bodies: list[bytes]) -> Target:
     )
 
 
-def gateway_breaker_tuned(shared: Shared, bodies: list[bytes]) -> Target:
-    # Configuration only, to show where the misses come from: with the default breaker
-    # (5 consecutive failures, 2 s open), one CPU stall that times out the handful of
-    # requests in flight opens it and 2 s of traffic goes to the fallback.
-    env = _prod_env(shared) | {
-        "GATEWAY_BREAKER_FAIL_MAX": "25",
-        "GATEWAY_BREAKER_RESET_TIMEOUT_S": "0.5",
-    }
-    return _gateway_target(shared, bodies, env, "gateway-breaker-tuned")
-
-
 def gateway_cpu(shared: Shared, bodies: list[bytes]) -> Target:
     # Redis features, in-process onnxruntime (GATEWAY_TRITON_URL unset): the
     # counterpart of minimal-cpu.
@@ -146,7 +135,8 @@ def gateway_embedded(shared: Shared, bodies: list[bytes]) -> Target:
 
 def gateway_triton_down(shared: Shared, bodies: list[bytes]) -> Target:
     # Nothing listens on this port: every inference call fails at connect, the breaker
-    # opens after GATEWAY_BREAKER_FAIL_MAX failures, and the fallback answers.
+    # opens once GATEWAY_BREAKER_MIN_CALLS calls in its window failed, and the fallback
+    # answers.
     env = _prod_env(shared) | {"GATEWAY_TRITON_URL": f"127.0.0.1:{free_port()}"}
     gw = GatewayServer(env=env, workers=shared.workers, log_path=shared.log_dir / "fallback.log")
     gw.start(timeout=60, ready=False)  # never ready: Triton is down, by design
@@ -236,10 +226,6 @@ SCENARIOS = [
     Scenario(
         "gateway-fp32", "gateway (Redis + Triton, FP32)", gateway_fp32,
         "GATEWAY_MODEL_NAME=ctr_fp32", {"core"},
-    ),
-    Scenario(
-        "gateway-breaker-tuned", "gateway INT8, breaker 25 failures / 0.5 s", gateway_breaker_tuned,
-        "GATEWAY_BREAKER_FAIL_MAX=25, GATEWAY_BREAKER_RESET_TIMEOUT_S=0.5", {"core"},
     ),
     Scenario(
         "fallback", "gateway, Triton down (fallback)", gateway_triton_down,

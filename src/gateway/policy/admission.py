@@ -14,21 +14,23 @@ Why adaptive, and why these signals:
   process: the breakers, deadlines and the fallback handle it, and shedding then would
   turn degraded-but-answered requests into 503s. So a standing queue *here* needs two
   things at once: the loop thread is busy (its CPU use, ``time.thread_time`` per wall
-  second, over ``BUSY_TARGET``) **and** even the fastest request of the window took
-  longer than ``LATENCY_TARGET_S``. A slow dependency leaves the loop idle; a busy loop
-  serving fast requests is simply working at capacity. A third sign, timer lag over
-  ``LAG_TARGET_S``, catches the loop thread not being scheduled at all (other processes
-  took the CPU, so its CPU use *falls*).
+  second, over ``BUSY_TARGET`` on average over a window) **and** the admitted requests
+  took longer than ``LATENCY_TARGET_S`` on average. A slow dependency leaves the loop
+  idle; a busy loop serving fast requests is simply working at capacity. A third sign,
+  the minimum timer lag of a window over ``LAG_TARGET_S``, catches the loop thread not
+  being scheduled at all (other processes took the CPU, so its CPU use *falls*).
+* **Where to go, by Little's law**: with a standing queue the limit goes straight to
+  ``throughput x LATENCY_TARGET_S`` (the concurrency at which this window's throughput
+  would have had the target latency; Netflix's gradient limiter, in one step), never
+  up; otherwise it grows by one per window while it binds (the peak in flight reached
+  it), and back towards its initial value when it does not. On this machine that finds
+  ~15 at 3x capacity, where 16 closed-loop connections are the knee.
 * **A burst is not overload** (CoDel, Nichols and Jacobson 2012): twenty requests
   arriving together keep the loop busy for the ~25 ms it takes to serve them, then it
-  idles. Every signal is therefore a *minimum* over a ``WINDOW_S`` window (100 ms,
-  longer than a burst takes to serve): only a standing queue raises all of a window.
-  (A limiter on smoothed lag ratcheted down at every burst and, under locust-style
-  bursts, ended at the floor, shedding healthy traffic.)
-* AIMD, one decision per window: a standing queue multiplies the limit by
-  ``DECREASE``; otherwise it grows by one while it binds (the peak in flight reached
-  it), and back towards its initial value when it does not. It converges to the
-  concurrency the loop serves without a standing queue, and recovers within seconds.
+  idles. Decisions are per ``WINDOW_S`` window (100 ms, longer than a burst takes to
+  serve), on the window's averages: a burst does not make a whole window busy. (A
+  limiter on smoothed per-sample lag ratcheted down at every burst and, under
+  locust-style bursts, ended at the floor, shedding healthy traffic.)
 * ``GATEWAY_MAX_INFLIGHT`` stays the hard ceiling (an operator's static cap still
   works); the floor keeps a few requests flowing so the signals never starve.
 
@@ -52,7 +54,6 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import suppress
 
 Clock = Callable[[], float]
 
@@ -68,12 +69,18 @@ LAG_HISTORY = 100
 # One decision per 100 ms window: longer than a 20-request burst takes to serve here
 # (~25 ms), short enough to react within a few hundred milliseconds. CoDel's interval.
 WINDOW_S = 0.100
-# Loop-thread CPU share that counts as busy: at capacity (16 closed-loop connections)
-# it was ~91 %; a loop waiting on a slow dependency sits far below.
+# Loop-thread CPU share (window average) that counts as busy: at capacity (16
+# closed-loop connections) it was ~91 %; a loop waiting on a slow dependency, or
+# serving a burst and then idling, sits far below.
 BUSY_TARGET = 0.80
-# The fastest request of a window taking longer than this means every request queued:
-# a fifth of the 50 ms budget; unloaded, requests take 2-5 ms here.
-LATENCY_TARGET_S = 0.010
+# Mean time from admission to answer that a busy loop should keep: two fifths of the
+# 50 ms budget, leaving the rest for a wait in the backlog. Unloaded, requests take 2-5
+# ms here; at the knee (16 closed-loop connections) ~10 ms. At 3x capacity, 10 ms held
+# the limit at ~10 and the loop idle 10 % of the time (76 % goodput); 20 ms: 81 %.
+LATENCY_TARGET_S = 0.020
+# Waiters past their wait are refused by one sweep every 2 ms, not a timer each.
+SWEEP_S = 0.002
+# When the loop is starved (timer lag), there is no throughput to size the limit by.
 DECREASE = 0.8
 FLOOR = 4
 # Start where Little's law puts this machine (see above, with room for a 20-request
@@ -110,9 +117,14 @@ class AdaptiveLimit:
         self.lag_s = 0.0  # smoothed, for dashboards
         self.decisions = 0
         self._window_start: float | None = None
-        self._min_lag = self._min_busy = self._min_latency = float("inf")
+        self._min_lag = float("inf")
+        self._busy_sum = self._latency_sum = 0.0
+        self._samples = self._done = 0
         self._peak = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Waiters may hold a parsed body each: as many as the ceiling admits at most.
+        self.max_waiting = ceiling
+        self._waiters: deque[tuple[float, asyncio.Future[bool]]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
 
     # -- the limit ---------------------------------------------------------------------
 
@@ -120,31 +132,38 @@ class AdaptiveLimit:
         """A loop sample: timer lag and the loop thread's CPU share since the last one."""
         self.lag_s += SMOOTHING * (lag_s - self.lag_s)
         self._min_lag = min(self._min_lag, lag_s)
-        self._min_busy = min(self._min_busy, busy)
+        self._busy_sum += busy
+        self._samples += 1
         if self._window_start is None:
             self._window_start = now
         elif now - self._window_start >= self.window_s:
-            self._decide()
+            self._decide(now - self._window_start)
             self._window_start = now
 
     def on_done(self, latency_s: float) -> None:
         """An admitted request finished, ``latency_s`` after it was admitted."""
-        if latency_s < self._min_latency:
-            self._min_latency = latency_s
+        self._done += 1
+        self._latency_sum += latency_s
 
     def standing_queue(self) -> bool:
         """Whether the current window shows a standing queue (see the module docstring)."""
-        if self._min_lag > self.lag_target_s:
+        if self._samples and self._min_lag > self.lag_target_s:
             return True
-        return self._min_busy > self.busy_target and self._min_latency > self.latency_target_s
+        busy = self._busy_sum / self._samples if self._samples else 0.0
+        latency = self._latency_sum / self._done if self._done else 0.0
+        return busy > self.busy_target and latency > self.latency_target_s
 
-    def _decide(self) -> None:
+    def _decide(self, elapsed_s: float) -> None:
         self.decisions += 1
         if self.standing_queue():
-            self.limit = max(float(self.floor), self.limit * DECREASE)
+            target = self._done / elapsed_s * self.latency_target_s
+            cut = self.limit * DECREASE if self._min_lag > self.lag_target_s else target
+            self.limit = max(float(self.floor), min(self.limit, cut))
         elif self._peak >= int(self.limit) - 1 or self.limit < self.initial:
             self.limit = min(float(self.ceiling), self.limit + 1.0)
-        self._min_lag = self._min_busy = self._min_latency = float("inf")
+        self._min_lag = float("inf")
+        self._busy_sum = self._latency_sum = 0.0
+        self._samples = self._done = 0
         self._peak = self.inflight
 
     # -- admission ---------------------------------------------------------------------
@@ -152,8 +171,9 @@ class AdaptiveLimit:
     def full(self, can_wait: bool = True) -> bool:
         """Whether a request arriving now would be shed at once: the limit is reached and,
         if it ``can_wait``, the backlog of waiters is full too."""
-        limit = int(self.limit)
-        return self.inflight >= limit and (not can_wait or len(self._waiters) >= limit)
+        return self.inflight >= int(self.limit) and (
+            not can_wait or len(self._waiters) >= self.max_waiting
+        )
 
     @property
     def waiting(self) -> int:
@@ -169,32 +189,39 @@ class AdaptiveLimit:
         return True
 
     async def acquire(self, wait_s: float) -> bool:
-        """Admit one request, waiting up to ``wait_s`` (LIFO) for a slot; False: shed."""
+        """Admit one request, waiting up to ``wait_s`` (LIFO) for a slot; False: shed.
+
+        A waiter is a future in a deque, nothing more: no timer of its own. One sweep
+        timer expires the oldest waiters (the deque is in arrival order), so parking and
+        refusing a request costs a few microseconds, which matters when most arrivals
+        are refused.
+        """
         if self.try_acquire():
             return True
-        if wait_s <= 0 or len(self._waiters) >= int(self.limit):
+        if wait_s <= 0 or len(self._waiters) >= self.max_waiting:
             return False
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            async with asyncio.timeout(wait_s):
-                await fut
-            return True
-        except TimeoutError:
-            # The slot may have been handed over just as the timer fired: then it is ours.
-            return fut.done() and not fut.cancelled()
-        finally:
-            if not fut.done() or fut.cancelled():  # not handed a slot: leave the backlog
-                fut.cancel()
-                with suppress(ValueError):
-                    self._waiters.remove(fut)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._waiters.append((loop.time() + wait_s, fut))
+        if self._sweep is None:
+            self._sweep = loop.call_later(SWEEP_S, self._expire, loop)
+        return await fut  # cancelled with its request: release() and _expire skip it
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= now:
+            fut = waiters.popleft()[1]
+            if not fut.done():
+                fut.set_result(False)
+        self._sweep = loop.call_later(SWEEP_S, self._expire, loop) if waiters else None
 
     def release(self) -> None:
         """Give the slot to the newest waiter, or back."""
         while self._waiters and self.inflight <= int(self.limit):
-            fut = self._waiters.pop()
+            fut = self._waiters.pop()[1]
             if not fut.done():
-                fut.set_result(None)  # the slot passes on: in flight stays the same
+                fut.set_result(True)  # the slot passes on: in flight stays the same
                 return
         self.inflight -= 1
 
