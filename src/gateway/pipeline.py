@@ -37,6 +37,8 @@ from gateway.fallback import FallbackScorer
 from gateway.features.base import FeatureBatch, FeatureStore
 from gateway.inference.base import InferenceBackend
 from gateway.metrics import Metrics
+from gateway.names import FallbackReason, Stage
+from gateway.observe import Fallback, MetricsObserver, Observer, Prediction
 from gateway.policy.breaker import Breaker, BreakerConfig
 from gateway.policy.budget import Budget
 from gateway.policy.guard import Attribution, GuardedCall
@@ -64,14 +66,18 @@ class PredictResult:
     model_name: str
     model_version: str
     rows: list[dict[str, Any]]
-    fallback: dict[str, str] | None
+    fallback: Fallback | None
     missing_user: bool
     missing_items: int
     timings_ms: dict[str, float]
 
 
 class Pipeline:
-    """Runs one /predict; owns the two guarded dependencies and the fallback scorer."""
+    """Runs one /predict; owns the two guarded dependencies and the fallback scorer.
+
+    Every finished prediction goes to ``observers`` (observe.py): metrics today, and
+    whatever else subscribes, without touching this code.
+    """
 
     def __init__(
         self,
@@ -81,6 +87,7 @@ class Pipeline:
         inference_call: GuardedCall,
         metrics: Metrics,
         schema: FeatureSchema = SCHEMA,
+        observers: list[Observer] | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -89,32 +96,31 @@ class Pipeline:
         self.metrics = metrics
         self.schema = schema
         self.fallback = FallbackScorer(schema)
+        self.observers: list[Observer] = (
+            observers if observers is not None else [MetricsObserver(metrics)]
+        )
         # Set by the gateway's health check when the store holds another feature schema:
         # its vectors would be read with the wrong layout, so none are read.
         self.features_blocked: str | None = None
-        m = metrics
-        self._obs_features = m.stage_duration.labels("features").observe
-        self._obs_inference = m.stage_duration.labels("inference").observe
-        self._obs_post = m.stage_duration.labels("postprocess").observe
 
     async def _features(
         self, req: PredictInput, budget: Budget
-    ) -> tuple[FeatureBatch | None, dict[str, str] | None, bool]:
+    ) -> tuple[FeatureBatch | None, Fallback | None, bool]:
         """(batch, fallback, whether Redis was called)."""
         if self.features_blocked is not None:
-            return None, {"reason": "features_unavailable", "stage": "features"}, False
+            return None, _FEATURES_UNAVAILABLE, False
         try:
             batch = await self.features_call.run(
-                lambda _left: self.store.fetch(req.user_id, req.item_ids), budget, "features"
+                lambda _left: self.store.fetch(req.user_id, req.item_ids), budget, Stage.FEATURES
             )
             return batch, None, True
         except StageSkipped:
-            return None, {"reason": "timeout", "stage": "features"}, False
+            return None, Fallback(FallbackReason.TIMEOUT, Stage.FEATURES), False
         except CircuitOpen:
-            return None, {"reason": "circuit_open", "stage": "features"}, False
+            return None, Fallback(FallbackReason.CIRCUIT_OPEN, Stage.FEATURES), False
         except FeatureStoreError as exc:
             log.debug("features failed: %s", exc)
-            return None, {"reason": "features_unavailable", "stage": "features"}, True
+            return None, _FEATURES_UNAVAILABLE, True
 
     async def _score(self, matrix: np.ndarray, left_s: float) -> np.ndarray:
         scores = await self.backend.infer(matrix, left_s)
@@ -125,19 +131,19 @@ class Pipeline:
 
     async def _inference(
         self, matrix: np.ndarray, budget: Budget
-    ) -> tuple[np.ndarray | None, dict[str, str] | None, bool]:
+    ) -> tuple[np.ndarray | None, Fallback | None, bool]:
         """(scores, fallback, whether the model was called)."""
         try:
             scores = await self.inference_call.run(
-                lambda left: self._score(matrix, left), budget, "inference"
+                lambda left: self._score(matrix, left), budget, Stage.INFERENCE
             )
         except StageSkipped:
-            return None, {"reason": "timeout", "stage": "inference"}, False
+            return None, Fallback(FallbackReason.TIMEOUT, Stage.INFERENCE), False
         except CircuitOpen:
-            return None, {"reason": "circuit_open", "stage": "inference"}, False
+            return None, Fallback(FallbackReason.CIRCUIT_OPEN, Stage.INFERENCE), False
         except InferenceError as exc:
             log.debug("inference failed: %s", exc)
-            return None, {"reason": exc.reason, "stage": "inference"}, True
+            return None, Fallback(FallbackReason(exc.reason), Stage.INFERENCE), True
         return scores, None, True
 
     async def predict(self, req: PredictInput, budget: Budget) -> PredictResult:
@@ -147,15 +153,18 @@ class Pipeline:
         t0 = time.perf_counter()
         batch, fallback, features_called = await self._features(req, budget)
         t1 = time.perf_counter()
+        corrupt = 0
         if batch is None:
             user = schema.user.default_vector()
             items = np.broadcast_to(schema.item.default_vector(), (n, schema.item.width))
             missing_user, missing_items = True, n
         else:
             user, items = batch.user, batch.items
-            missing_user, missing_items = batch.user_missing, batch.items_missing
-            if batch.corrupt:
-                self.metrics.corrupt_features.inc(batch.corrupt)
+            missing_user, missing_items, corrupt = (
+                batch.user_missing,
+                batch.items_missing,
+                batch.corrupt,
+            )
         matrix = schema.assemble(user, items, schema.encode_context(req.context))
 
         scores: np.ndarray | None = None
@@ -167,7 +176,6 @@ class Pipeline:
         if scores is None:
             assert fallback is not None  # no scores only ever comes with a reason
             scores = self.fallback.score(matrix)
-            self.metrics.fallback.labels(fallback["reason"]).inc()
 
         rows = [
             {"item_id": i, "score": s}
@@ -176,23 +184,28 @@ class Pipeline:
             )
         ]
         t3 = time.perf_counter()
-
-        # Only stages that called their dependency are observed: a skipped stage or an
-        # open breaker would otherwise add near-zero samples and pull its quantiles down.
-        if features_called:
-            self._obs_features(t1 - t0)
-        if inference_called:
-            self._obs_inference(t2 - t_inf)
-        self._obs_post(t3 - t2)
-        if missing_user:
-            self.metrics.missing_features.labels("user").inc()
-        if missing_items:
-            self.metrics.missing_features.labels("item").inc(missing_items)
-        self.metrics.items_per_request.observe(n)
+        backend = self.backend
+        prediction = Prediction(
+            user_id=req.user_id,
+            n_items=n,
+            matrix=matrix,
+            scores=scores,
+            model_name=backend.model_name,
+            model_version=backend.model_version,
+            fallback=fallback,
+            missing_user=missing_user,
+            missing_items=missing_items,
+            corrupt=corrupt,
+            features_s=t1 - t0 if features_called else None,
+            inference_s=t2 - t_inf if inference_called else None,
+            postprocess_s=t3 - t2,
+        )
+        for observe in self.observers:
+            observe(prediction)
         return PredictResult(
             request_id=req.request_id,
-            model_name=self.backend.model_name,
-            model_version=self.backend.model_version,
+            model_name=backend.model_name,
+            model_version=backend.model_version,
             rows=rows,
             fallback=fallback,
             missing_user=missing_user,
@@ -204,6 +217,9 @@ class Pipeline:
                 "total": round(budget.elapsed() * 1e3, 3),
             },
         )
+
+
+_FEATURES_UNAVAILABLE = Fallback(FallbackReason.FEATURES_UNAVAILABLE, Stage.FEATURES)
 
 
 def build_guarded_calls(

@@ -56,7 +56,7 @@ def render(result: PredictResult) -> bytes:
             "request_id": result.request_id,
             "model": {"name": result.model_name, "version": result.model_version},
             "scores": result.rows,
-            "fallback": result.fallback,
+            "fallback": result.fallback.as_dict() if result.fallback else None,
             "missing": {"user": result.missing_user, "items": result.missing_items},
             "timings_ms": result.timings_ms,
         }
