@@ -245,8 +245,36 @@ class Gateway:
             self.metrics.model_info.labels(*label).set(1)
             self._model_label = label
 
+    async def warm_up(self) -> None:
+        """One request's worth of work through both dependencies, before readiness: the
+        first real request would otherwise pay for opening connections and first-call
+        code paths inside its 15 ms features budget (seen as a features_unavailable
+        right after start on a busy machine). Failures are fine: the checks report them.
+        """
+        assert self._store is not None and self._backend is not None
+        schema = self.pipeline.schema
+        matrix = schema.assemble(
+            schema.user.default_vector(),
+            schema.item.default_vector()[None, :],
+            schema.encode_context(None),
+        )
+        results = await asyncio.gather(
+            asyncio.wait_for(self._store.fetch("warm-up", ["warm-up"]), HEALTH_CHECK_TIMEOUT_S),
+            asyncio.wait_for(
+                self._backend.infer(matrix, HEALTH_CHECK_TIMEOUT_S), HEALTH_CHECK_TIMEOUT_S
+            ),
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, asyncio.CancelledError):
+                raise r
+
     async def _health_loop(self) -> None:
         interval = self.settings.health_interval_s
+        try:
+            await self.warm_up()
+        except Exception:  # noqa: BLE001 - warming up is best effort
+            log.debug("warm-up failed", exc_info=True)
         while True:
             try:
                 await self.check_dependencies()
