@@ -92,6 +92,8 @@ class Pipeline:
         # Set by the gateway's health check when the store holds another feature schema:
         # its vectors would be read with the wrong layout, so none are read.
         self.features_blocked: str | None = None
+        # Set by the health check while the model's signature differs from the schema.
+        self.inference_blocked: str | None = None
         m = metrics
         self._obs_features = m.stage_duration.labels("features").observe
         self._obs_inference = m.stage_duration.labels("inference").observe
@@ -161,7 +163,9 @@ class Pipeline:
         scores: np.ndarray | None = None
         inference_called = False
         t_inf = time.perf_counter()
-        if fallback is None:
+        if fallback is None and self.inference_blocked is not None:
+            fallback = {"reason": "inference_error", "stage": "inference"}
+        elif fallback is None:
             scores, fallback, inference_called = await self._inference(matrix, budget)
         t2 = time.perf_counter()
         if scores is None:
