@@ -216,6 +216,11 @@ class Gateway:
         self.schema = schema
         store = self._given[0] or build_store(self.settings, schema)
         backend = self._given[1] or build_backend(self.settings, schema)
+        if self.settings.feature_source == "feast":
+            from gateway.features.feast_store import FeastFeatureStore, age_observer
+
+            if isinstance(store, FeastFeatureStore):
+                store.observe_age = age_observer(self.metrics.registry)
         await backend.start()
         features_call, inference_call = build_guarded_calls(
             self.settings,
