@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import redis
-
-from gateway.features import codec
 from tests.procs import PYTHON, ROOT, RedisServer
 from tests.test_import import write_parquet
+
+from gateway.features import codec
 
 
 def main(argv: list[str] | None = None) -> int:
