@@ -490,7 +490,10 @@ class FeastFeatureStore:
 
         item = self.layout.item
         keys = [self.layout.user.key(user_id)] + [item.key(i) for i in item_ids]
-        cmd = hiredis.pack_command((b"EVALSHA", self._sha, len(keys), *keys, *self._args))
+        # hiredis's stub types the tuple as of one element; it takes any length.
+        cmd = hiredis.pack_command(
+            (b"EVALSHA", self._sha, len(keys), *keys, *self._args)  # type: ignore[arg-type]
+        )
         with _mapped():
             try:
                 return await self._call(cmd)
