@@ -58,6 +58,9 @@ def _app(infer_factory: Callable[[], Awaitable[tuple[Infer, Close]]]) -> FastAPI
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state["infer"], close = await infer_factory()
+        # The generation the store's pointer names (features/codec.py), read once.
+        gen, _ = codec.parse_pointer(await store.get(codec.POINTER_KEY) or b"")
+        state["user_prefix"], state["item_prefix"] = codec.user_prefix(gen), codec.item_prefix(gen)
         yield
         await close()
         await store.aclose()
@@ -73,7 +76,8 @@ def _app(infer_factory: Callable[[], Awaitable[tuple[Infer, Close]]]) -> FastAPI
     async def predict(request: Request) -> Response:
         body = orjson.loads(await request.body())
         item_ids: list[str] = body["item_ids"]
-        keys = [codec.user_key(body["user_id"])] + [codec.item_key(i) for i in item_ids]
+        ip = state["item_prefix"]
+        keys = [state["user_prefix"] + body["user_id"]] + [ip + i for i in item_ids]
         values = await store.mget(keys)
         batch = codec.decode(values[0], values[1:])
         context = SCHEMA.encode_context(body.get("context"))

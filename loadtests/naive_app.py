@@ -62,8 +62,10 @@ def healthz() -> dict[str, str]:
 def predict(req: PredictRequest) -> dict[str, object]:
     r = redis.Redis.from_url(REDIS_URL)
     try:
-        user = _vector(r.get(codec.user_key(req.user_id)), SCHEMA.user)
-        items = [_vector(r.get(codec.item_key(i)), SCHEMA.item) for i in req.item_ids]
+        # The generation the store's pointer names (features/codec.py).
+        gen, _ = codec.parse_pointer(r.get(codec.POINTER_KEY) or b"")
+        user = _vector(r.get(codec.user_key(req.user_id, gen)), SCHEMA.user)
+        items = [_vector(r.get(codec.item_key(i, gen)), SCHEMA.item) for i in req.item_ids]
     finally:
         r.close()
     context = req.context.model_dump() if req.context else None

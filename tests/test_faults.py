@@ -412,11 +412,12 @@ def test_redis_short_and_corrupt_values(loaded_redis, triton, gateway_factory) -
     gw = gateway_factory(gateway_env(rs.url, triton.grpc_url), ready=True)
     admin = redis.Redis.from_url(rs.url)
     nan_item = np.full(10, np.nan, dtype=np.float32).tobytes()
+    gen, _ = codec.parse_pointer(admin.get(codec.POINTER_KEY))
     bad = {
-        codec.item_key("i1"): b"\x01\x02",  # short
-        codec.item_key("i2"): nan_item,  # right length, NaN
-        codec.item_key("i3"): b"x" * 41,  # one byte long
-        codec.user_key("u4"): b"",  # empty user vector
+        codec.item_key("i1", gen): b"\x01\x02",  # short
+        codec.item_key("i2", gen): nan_item,  # right length, NaN
+        codec.item_key("i3", gen): b"x" * 41,  # one byte long
+        codec.user_key("u4", gen): b"",  # empty user vector
     }
     try:
         admin.mset(bad)

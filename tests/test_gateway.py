@@ -350,7 +350,8 @@ def test_a_store_on_another_schema_is_not_read_and_readiness_says_why(
         return int(admin.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
 
     req = {"user_id": "u1", "item_ids": ITEMS}
-    admin.set(codec.VERSION_KEY, "0:000000000000")
+    gen, version = codec.parse_pointer(admin.get(codec.POINTER_KEY))
+    admin.set(codec.POINTER_KEY, codec.pointer_value(gen, "0:000000000000"))
     time.sleep(0.4)  # a few health checks
     r = _HTTP.get(f"{gw.url}/readyz")
     body = r.json()
@@ -363,7 +364,8 @@ def test_a_store_on_another_schema_is_not_read_and_readiness_says_why(
     assert mgets() == before  # nothing read from a store on another schema
     assert _metric(gw, "gateway_dependency_up", dependency="features") == 0
 
-    admin.set(codec.VERSION_KEY, SCHEMA.store_version)
+    assert version == SCHEMA.store_version
+    admin.set(codec.POINTER_KEY, codec.pointer_value(gen, version))
     time.sleep(0.4)
     r = _HTTP.get(f"{gw.url}/readyz")
     assert r.status_code == 200 and r.json()["status"] == "ready", r.json()

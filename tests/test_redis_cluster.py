@@ -32,7 +32,7 @@ from redis.crc import key_slot
 
 from gateway.errors import FeatureStoreError
 from gateway.features import codec
-from gateway.features.loader import load
+from gateway.features.loader import demo_generation, load
 from gateway.features.redis_store import _mapped
 from tests.procs import GatewayServer, RedisServer, free_port
 
@@ -129,10 +129,10 @@ def test_loader_and_gateway_on_a_cluster(cluster, redis_server, triton, gateway_
     for n in cluster:
         with redis.Redis(port=n.port) as c:
             sizes.append(c.dbsize())
-    assert sum(sizes) == 15_001 and min(sizes) > 4_000, sizes
+    assert sum(sizes) == 15_002 and min(sizes) > 4_000, sizes  # + pointer + generations
     with redis.RedisCluster(host="127.0.0.1", port=cluster[0].port) as c:
-        assert c.get(codec.VERSION_KEY) is not None
-        assert len(c.get(codec.item_key("i42")) or b"") == 40
+        assert c.get(codec.POINTER_KEY) is not None
+        assert len(c.get(codec.item_key("i42", GEN)) or b"") == 40
 
     env = {"GATEWAY_TRITON_URL": triton.grpc_url, "GATEWAY_LOG_LEVEL": "WARNING"}
     gw = gateway_factory(
@@ -316,10 +316,15 @@ def _no_traceback(gw: GatewayServer) -> None:
     assert "Traceback" not in log, log[-3000:]
 
 
-COVERED_ITEMS = [i for i in (f"i{k}" for k in range(5000)) if not _in_gap(codec.item_key(i))][:30]
-GAP_USER = next(u for u in (f"u{k}" for k in range(10_000)) if _in_gap(codec.user_key(u)))
-COVERED_USER = next(u for u in (f"u{k}" for k in range(10_000)) if not _in_gap(codec.user_key(u)))
-GAP_ITEM = next(i for i in (f"i{k}" for k in range(5000)) if _in_gap(codec.item_key(i)))
+GEN = demo_generation(10_000, 5_000, 7)  # the generation load() writes by default
+COVERED_ITEMS = [i for i in (f"i{k}" for k in range(5000)) if not _in_gap(codec.item_key(i, GEN))][
+    :30
+]
+GAP_USER = next(u for u in (f"u{k}" for k in range(10_000)) if _in_gap(codec.user_key(u, GEN)))
+COVERED_USER = next(
+    u for u in (f"u{k}" for k in range(10_000)) if not _in_gap(codec.user_key(u, GEN))
+)
+GAP_ITEM = next(i for i in (f"i{k}" for k in range(5000)) if _in_gap(codec.item_key(i, GEN)))
 
 
 def test_uncovered_slots_fall_back_and_covered_ones_are_served(
@@ -338,7 +343,7 @@ def test_uncovered_slots_fall_back_and_covered_ones_are_served(
             "GATEWAY_TRITON_URL": triton.grpc_url,
             "GATEWAY_LOG_LEVEL": "WARNING",
         },
-        ready=True,  # the version key's slot is covered
+        ready=True,  # the pointer key's slot is covered
     )
     covered = orjson.dumps({"user_id": COVERED_USER, "item_ids": COVERED_ITEMS})
     status, doc = _post(gw.url, covered)

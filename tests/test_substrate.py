@@ -111,10 +111,11 @@ def test_loader_writes_exactly_the_schema_vectors(fresh_redis: RedisServer) -> N
     assert summary.bytes == 40 * SCHEMA.user.nbytes + 25 * SCHEMA.item.nbytes
     world = make_world(40, 25, seed=11)
     r = redis.Redis.from_url(fresh_redis.url)
-    assert r.get(codec.VERSION_KEY).decode() == SCHEMA.store_version
-    assert r.dbsize() == 40 + 25 + 1
+    gen, version = codec.parse_pointer(r.get(codec.POINTER_KEY))
+    assert version == SCHEMA.store_version and gen == summary.generation
+    assert r.dbsize() == 40 + 25 + 2  # + the pointer and the generations set
     load(fresh_redis.url, users=40, items=25, seed=11, progress=False)  # idempotent
-    assert r.dbsize() == 40 + 25 + 1
+    assert r.dbsize() == 40 + 25 + 2
 
     async def fetch() -> None:
         store = RedisFeatureStore(fresh_redis.url)

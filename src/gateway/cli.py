@@ -3,9 +3,10 @@
 ::
 
     gateway serve [--host H] [--port P] [--workers N]
-    gateway model build [--out DIR] [--seed N] [--impressions N] ...
+    gateway model build [--out DIR] [--seed N] [--impressions N] [--schema FILE] ...
     gateway triton-local [--model-repository DIR] [--http-port P] [--grpc-port P] [--metrics-port P]
-    gateway features load --redis-url URL [--users N] [--items N] [--seed N]
+    gateway features load --redis-url URL [--users N] [--items N] [--seed N] [--schema FILE]
+    gateway features import --users U.parquet --items I.parquet --redis-url URL [--schema FILE]
 
 Every expected failure (a bad flag value, a missing file, an unreachable server, a
 taken port) prints one ``error: ...`` line and exits 2, without a traceback.
@@ -17,8 +18,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.schema import FeatureSchema
 
 
 def _positive(text: str) -> int:
@@ -29,6 +34,22 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+KEEP_HELP = (
+    "older generations kept after the switch (default 1: the previous one, for gateways "
+    "that have not read the new pointer yet)"
+)
 
 
 def _port(text: str) -> int:
@@ -44,11 +65,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(host=args.host, port=args.port, workers=args.workers)
 
 
+def _schema(args: argparse.Namespace) -> FeatureSchema:
+    from gateway.schema import load_schema
+
+    return load_schema(args.schema)
+
+
 def _cmd_model_build(args: argparse.Namespace) -> int:
     from gateway.modelbuild import BuildConfig, build
 
     build(
         BuildConfig(
+            schema=_schema(args),
             out=Path(args.out),
             seed=args.seed,
             users=args.users,
@@ -84,6 +112,24 @@ def _cmd_features_load(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         progress=not args.no_progress,
         cluster=args.cluster,
+        schema=_schema(args),
+        keep=args.keep,
+    )
+    return 0
+
+
+def _cmd_features_import(args: argparse.Namespace) -> int:
+    from gateway.features.importer import import_parquet
+
+    import_parquet(
+        users=Path(args.users),
+        items=Path(args.items),
+        redis_url=args.redis_url,
+        schema=_schema(args),
+        batch=args.batch,
+        progress=not args.no_progress,
+        cluster=args.cluster,
+        keep=args.keep,
     )
     return 0
 
@@ -108,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=_positive, default=5_000)
     p.add_argument("--impressions", type=_positive, default=250_000)
     p.add_argument("--epochs", type=_positive, default=4)
+    p.add_argument("--schema", default=None, help="feature schema file (default: built-in CTR)")
     p.set_defaults(func=_cmd_model_build)
 
     p = sub.add_parser("triton-local", help="run the real Triton server on CPU, in the foreground")
@@ -130,7 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=_positive, default=2_000, help="keys per pipelined write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cluster", action="store_true", help="the URL names a Redis Cluster node")
+    p.add_argument("--schema", default=None, help="feature schema file (default: built-in CTR)")
+    p.add_argument("--keep", type=_non_negative, default=1, help=KEEP_HELP)
     p.set_defaults(func=_cmd_features_load)
+
+    p = features.add_parser(
+        "import", help="write user and item features from Parquet files into Redis"
+    )
+    p.add_argument("--users", required=True, help="Parquet file: user_id + the user features")
+    p.add_argument("--items", required=True, help="Parquet file: item_id + the item features")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--schema", default=None, help="feature schema file (default: built-in CTR)")
+    # 65,536 rows of a few dozen float32 columns are a few MB per batch: memory stays flat
+    # whatever the file's size, and each batch is enough work to amortise its overhead.
+    p.add_argument("--batch", type=_positive, default=65_536, help="rows per record batch")
+    p.add_argument("--keep", type=_non_negative, default=1, help=KEEP_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cluster", action="store_true", help="the URL names a Redis Cluster node")
+    p.set_defaults(func=_cmd_features_import)
     return parser
 
 

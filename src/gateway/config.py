@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -36,6 +37,19 @@ class Settings(BaseSettings):
     model_name: str = Field("ctr", min_length=1)
     model_version: str = Field("", description="Triton model version; empty = latest")
     model_repository: Path | None = Field(None, description="for the embedded backend")
+
+    # -- feature schema and source (docs/own-features.md) ---------------------------------
+    schema_file: Path | None = Field(
+        None, description="feature schema TOML file; unset = the built-in CTR schema"
+    )
+    feature_source: Literal["redis", "feast"] = Field(
+        "redis",
+        description="redis: the gateway's packed layout at GATEWAY_REDIS_URL (in-memory when "
+        "unset); feast: a Feast Redis online store, read directly",
+    )
+    feast_repo: Path | None = Field(
+        None, description="Feast repository (the folder of its feature_store.yaml)"
+    )
 
     # -- request limits ----------------------------------------------------------------
     max_items: int = Field(500, ge=1, le=10_000)
@@ -166,9 +180,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _feast(self) -> Settings:
+        if self.feature_source == "feast" and self.feast_repo is None:
+            raise ValueError("GATEWAY_FEATURE_SOURCE=feast needs GATEWAY_FEAST_REPO")
+        return self
+
     @property
     def embedded(self) -> bool:
-        return self.redis_url is None and self.triton_url is None
+        return self.redis_url is None and self.triton_url is None and self.feature_source != "feast"
 
 
 # Settings that existed once: a deployment that still sets one is told what replaced it.

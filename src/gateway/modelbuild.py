@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from gateway.errors import ConfigError
 from gateway.fallback import FallbackScorer
-from gateway.schema import SCHEMA
+from gateway.schema import SCHEMA, FeatureSchema
 from gateway.synth import design_matrix, make_impressions, make_world, split
 
 MODEL_NAME = "ctr"
@@ -54,6 +55,7 @@ class BuildConfig:
     learning_rate: float = 3e-3
     calibration_rows: int = 2_000
     latency_repeats: int = 200
+    schema: FeatureSchema = SCHEMA
 
 
 def _log(msg: str) -> None:
@@ -161,7 +163,7 @@ def train_mlp(x: np.ndarray, y: np.ndarray, cfg: BuildConfig) -> Mlp:
 # -- ONNX ----------------------------------------------------------------------------
 
 
-def to_onnx(mlp: Mlp, path: Path) -> None:
+def to_onnx(mlp: Mlp, path: Path, schema: FeatureSchema = SCHEMA) -> None:
     """Write the MLP as an ONNX graph with a dynamic batch dimension.
 
     The standardisation stays an explicit Sub/Mul in front of the first MatMul rather
@@ -177,7 +179,7 @@ def to_onnx(mlp: Mlp, path: Path) -> None:
         numpy_helper.from_array((1.0 / mlp.std).astype(np.float32), "input_inv_std"),
     ]
     nodes = [
-        helper.make_node("Sub", [SCHEMA.input_name, "input_mean"], ["centered"], name="center"),
+        helper.make_node("Sub", [schema.input_name, "input_mean"], ["centered"], name="center"),
         helper.make_node("Mul", ["centered", "input_inv_std"], ["standardized"], name="scale"),
     ]
     cur = "standardized"
@@ -191,28 +193,30 @@ def to_onnx(mlp: Mlp, path: Path) -> None:
             cur = f"h{k}"
         else:
             nodes.append(
-                helper.make_node("Sigmoid", [f"z{k}"], [SCHEMA.output_name], name="sigmoid")
+                helper.make_node("Sigmoid", [f"z{k}"], [schema.output_name], name="sigmoid")
             )
     graph = helper.make_graph(
         nodes,
         "ctr_mlp",
         [
             helper.make_tensor_value_info(
-                SCHEMA.input_name, TensorProto.FLOAT, ["batch", SCHEMA.input_width]
+                schema.input_name, TensorProto.FLOAT, ["batch", schema.input_width]
             )
         ],
-        [helper.make_tensor_value_info(SCHEMA.output_name, TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info(schema.output_name, TensorProto.FLOAT, ["batch", 1])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by the onnxruntime in Triton 24.x images
-    model.doc_string = f"CTR MLP, feature schema {SCHEMA.store_version}"
+    model.doc_string = f"CTR MLP, feature schema {schema.store_version}"
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
 
 
-def quantize(fp32: Path, out: Path, calib: np.ndarray, fmt: str) -> None:
+def quantize(
+    fp32: Path, out: Path, calib: np.ndarray, fmt: str, input_name: str = SCHEMA.input_name
+) -> None:
     """Static INT8 quantization of ``fp32`` calibrated on ``calib`` rows (QDQ or QOperator)."""
     import logging
 
@@ -231,7 +235,7 @@ def quantize(fp32: Path, out: Path, calib: np.ndarray, fmt: str) -> None:
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             chunk = next(self._it, None)
-            return None if chunk is None else {SCHEMA.input_name: chunk}
+            return None if chunk is None else {input_name: chunk}
 
     if fmt == "qdq":
         # TensorRT takes only symmetric signed INT8 (zero point 0) Q/DQ pairs.
@@ -267,22 +271,24 @@ def session(path: Path, threads: int = 0) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def predict(path: Path, x: np.ndarray) -> np.ndarray:
-    return session(path).run(None, {SCHEMA.input_name: x})[0][:, 0]
+def predict(path: Path, x: np.ndarray, input_name: str = SCHEMA.input_name) -> np.ndarray:
+    return session(path).run(None, {input_name: x})[0][:, 0]
 
 
-def latency_ms(path: Path, x: np.ndarray, repeats: int) -> dict[str, float]:
+def latency_ms(
+    path: Path, x: np.ndarray, repeats: int, input_name: str = SCHEMA.input_name
+) -> dict[str, float]:
     """Median onnxruntime CPU latency per batch size, in milliseconds."""
     sess = session(path)
     out: dict[str, float] = {}
     for bs in LATENCY_BATCHES:
         batch = np.ascontiguousarray(x[:bs])
         for _ in range(10):
-            sess.run(None, {SCHEMA.input_name: batch})
+            sess.run(None, {input_name: batch})
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            sess.run(None, {SCHEMA.input_name: batch})
+            sess.run(None, {input_name: batch})
             times.append(time.perf_counter() - t0)
         out[str(bs)] = round(float(np.median(times)) * 1e3, 4)
     return out
@@ -295,6 +301,19 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     """Rebuild every model file and the report under ``cfg.out``; return the report."""
     t_start = time.perf_counter()
     out = cfg.out
+    schema = cfg.schema
+    if (schema.user.width, schema.item.width, schema.context_keys) != (
+        SCHEMA.user.width,
+        SCHEMA.item.width,
+        SCHEMA.context_keys,
+    ):
+        # The generated world (synth.py) has the built-in layout; a model for another
+        # layout is trained where its data lives, and checked against the schema at start.
+        raise ConfigError(
+            f"model build trains on generated data of the built-in schema's layout; schema "
+            f"{schema.source} has another (bring a model trained on your data: the gateway "
+            "checks its signature against the schema at start)"
+        )
     _log(
         f"generating {cfg.users} users, {cfg.items} items, "
         f"{cfg.impressions} impressions (seed {cfg.seed})"
@@ -302,7 +321,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     world = make_world(cfg.users, cfg.items, cfg.seed)
     imps = make_impressions(world, cfg.impressions)
     train, held = split(imps, cfg.seed)
-    x_train, x_held = design_matrix(world, train), design_matrix(world, held)
+    x_train, x_held = design_matrix(world, train, schema), design_matrix(world, held, schema)
     _log(f"train {len(train)} rows, held-out {len(held)} rows, CTR {imps.click.mean():.3f}")
 
     t0 = time.perf_counter()
@@ -313,12 +332,12 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     fp32_path = out / FP32_MODEL_NAME / "1" / "model.onnx"
     qdq_path = out / MODEL_NAME / "1" / "model.onnx"
     cpu_path = out / MODEL_NAME / "1" / CPU_MODEL_FILE
-    to_onnx(mlp, fp32_path)
+    to_onnx(mlp, fp32_path, schema)
     rows = np.random.default_rng(cfg.seed + 4).permutation(len(x_train))[: cfg.calibration_rows]
     calib = x_train[rows]
     y = held.click
     report: dict[str, Any] = {
-        "schema_version": SCHEMA.store_version,
+        "schema_version": schema.store_version,
         "seed": cfg.seed,
         "data": {
             "users": cfg.users,
@@ -337,24 +356,24 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         tmp_fp32 = Path(tmp) / "model.onnx"
         tmp_fp32.write_bytes(fp32_path.read_bytes())
         qop_path = Path(tmp) / "model_qoperator.onnx"
-        quantize(tmp_fp32, qdq_path, calib, "qdq")
-        quantize(tmp_fp32, qop_path, calib, "qoperator")
+        quantize(tmp_fp32, qdq_path, calib, "qdq", schema.input_name)
+        quantize(tmp_fp32, qop_path, calib, "qoperator", schema.input_name)
         _log("exported FP32, INT8 QDQ and INT8 QOperator ONNX models; measuring")
         variants = {"fp32": fp32_path, "int8_qdq": qdq_path, "int8_qoperator": qop_path}
         for name, path in variants.items():
-            p = predict(path, x_held)
+            p = predict(path, x_held, schema.input_name)
             report["models"][name] = {
                 "bytes": path.stat().st_size,
                 "auc": round(roc_auc(y, p), 5),
                 "log_loss": round(log_loss(y, p), 5),
-                "latency_ms": latency_ms(path, x_held, cfg.latency_repeats),
+                "latency_ms": latency_ms(path, x_held, cfg.latency_repeats, schema.input_name),
             }
         models = report["models"]
         # The CPU deployments (embedded mode) take whichever of FP32 and the CPU-oriented
         # INT8 form was faster at batch 512 in this build.
         cpu_pick = min(("fp32", "int8_qoperator"), key=lambda k: models[k]["latency_ms"]["512"])
         cpu_path.write_bytes(variants[cpu_pick].read_bytes())
-    fb = FallbackScorer().score(x_held)
+    fb = FallbackScorer(schema).score(x_held)
     report["fallback"] = {"auc": round(roc_auc(y, fb), 5), "log_loss": round(log_loss(y, fb), 5)}
     report["int8_auc_drop"] = round(models["fp32"]["auc"] - models["int8_qdq"]["auc"], 5)
     fp32_512 = models["fp32"]["latency_ms"]["512"]

@@ -102,6 +102,8 @@ class Pipeline:
         # Set by the gateway's health check when the store holds another feature schema:
         # its vectors would be read with the wrong layout, so none are read.
         self.features_blocked: str | None = None
+        # Set by the health check while the model's signature differs from the schema.
+        self.inference_blocked: str | None = None
 
     async def _features(
         self, req: PredictInput, budget: Budget
@@ -170,7 +172,9 @@ class Pipeline:
         scores: np.ndarray | None = None
         inference_called = False
         t_inf = time.perf_counter()
-        if fallback is None:
+        if fallback is None and self.inference_blocked is not None:
+            fallback = _MODEL_MISMATCH
+        elif fallback is None:
             scores, fallback, inference_called = await self._inference(matrix, budget)
         t2 = time.perf_counter()
         if scores is None:
@@ -220,6 +224,7 @@ class Pipeline:
 
 
 _FEATURES_UNAVAILABLE = Fallback(FallbackReason.FEATURES_UNAVAILABLE, Stage.FEATURES)
+_MODEL_MISMATCH = Fallback(FallbackReason.INFERENCE_ERROR, Stage.INFERENCE)
 
 
 def build_guarded_calls(

@@ -13,23 +13,44 @@ import time
 from typing import Any
 
 from gateway.config import Settings
-from gateway.errors import GatewayError, Overloaded, SchemaMismatch
+from gateway.errors import ConfigError, GatewayError, InferenceError, Overloaded, SchemaMismatch
 from gateway.features.base import FeatureStore
-from gateway.inference.base import InferenceBackend
+from gateway.inference.base import InferenceBackend, signature_mismatch
 from gateway.metrics import OUTCOMES, Metrics
 from gateway.pipeline import Pipeline, build_guarded_calls
 from gateway.policy.admission import AdaptiveLimit, LagMonitor
 from gateway.policy.breaker import BreakerState
 from gateway.policy.budget import BudgetPolicy
+from gateway.schema import SCHEMA, FeatureSchema, load_schema
 
 log = logging.getLogger("gateway")
 
 # A background dependency check gives up after this: well inside the 2 s interval, and
 # far longer than a healthy Redis GET or Triton model-ready call (~1 ms).
 HEALTH_CHECK_TIMEOUT_S = 0.5
+# The signature check at start may meet a Triton that is still starting its gRPC
+# server; 2 s bounds the start's delay, and the health check asks again anyway.
+SIGNATURE_CHECK_TIMEOUT_S = 2.0
 
 
-def build_store(settings: Settings) -> FeatureStore:
+def configured_schema(settings: Settings) -> FeatureSchema:
+    """The schema ``GATEWAY_SCHEMA_FILE`` names, else the built-in one; SchemaError if bad."""
+    return load_schema(settings.schema_file) if settings.schema_file else SCHEMA
+
+
+def build_store(settings: Settings, schema: FeatureSchema = SCHEMA) -> FeatureStore:
+    if settings.feature_source == "feast":
+        from gateway.features.feast_store import FeastFeatureStore
+
+        assert settings.feast_repo is not None  # the settings validator requires it
+        return FeastFeatureStore.from_repo(
+            settings.feast_repo,
+            schema,
+            redis_url=settings.redis_url,
+            connect_timeout_s=settings.redis_connect_timeout_ms / 1e3,
+            socket_timeout_s=settings.redis_socket_timeout_ms / 1e3,
+            max_connections=settings.redis_max_connections,
+        )
     if settings.redis_url:
         from gateway.features.redis_store import RedisFeatureStore
 
@@ -39,19 +60,28 @@ def build_store(settings: Settings) -> FeatureStore:
             socket_timeout_s=settings.redis_socket_timeout_ms / 1e3,
             max_connections=settings.redis_max_connections,
             cluster=settings.redis_cluster,
+            schema=schema,
         )
     from gateway.features.memory import InMemoryFeatureStore
     from gateway.synth import make_world
 
+    if (schema.user.width, schema.item.width) != (SCHEMA.user.width, SCHEMA.item.width):
+        raise ConfigError(
+            f"the in-memory store holds generated data of the built-in schema's layout; "
+            f"schema {schema.source} needs GATEWAY_REDIS_URL (features imported with "
+            "`gateway features import`) or GATEWAY_FEATURE_SOURCE=feast"
+        )
     world = make_world(settings.embedded_users, settings.embedded_items, settings.embedded_seed)
-    return InMemoryFeatureStore(world)
+    return InMemoryFeatureStore(world, schema)
 
 
-def build_backend(settings: Settings) -> InferenceBackend:
+def build_backend(settings: Settings, schema: FeatureSchema = SCHEMA) -> InferenceBackend:
     if settings.triton_url:
         from gateway.inference.triton import TritonBackend
 
-        return TritonBackend(settings.triton_url, settings.model_name, settings.model_version)
+        return TritonBackend(
+            settings.triton_url, settings.model_name, settings.model_version, schema
+        )
     from gateway.inference.embedded import EmbeddedBackend
     from gateway.modelbuild import CPU_MODEL_FILE
     from gateway.paths import default_model_repository
@@ -67,7 +97,60 @@ def build_backend(settings: Settings) -> InferenceBackend:
         path = version_dir / "model.onnx"
     # Same semantics as the model's Triton dynamic batcher.
     delay_us = cfg.dynamic_batching.max_queue_delay_microseconds
-    return EmbeddedBackend(path, settings.model_name, cfg.max_batch_size, delay_us / 1e6)
+    return EmbeddedBackend(
+        path, settings.model_name, cfg.max_batch_size, delay_us / 1e6, schema=schema
+    )
+
+
+async def check_signature(backend: InferenceBackend, schema: FeatureSchema) -> str | None:
+    """How the backend's model differs from the schema (one line), or None when it fits.
+
+    Raises an ``InferenceError`` when the model server cannot be asked now.
+    """
+    sig = await backend.signature()
+    return signature_mismatch(schema, sig, backend.model_name)
+
+
+def preflight(settings: Settings) -> None:
+    """What ``gateway serve`` checks before it starts serving; ConfigError (one line) if bad.
+
+    The schema file and the feature source's configuration (a Feast repository and its
+    registry) are read, and the model's signature is compared with the schema: a
+    mismatch refuses to start. A model server that does not answer yet is no reason to
+    refuse: the background health check compares the signature when it comes up, and
+    the fallback answers until it fits.
+    """
+    schema = configured_schema(settings)
+    if settings.feature_source == "feast":
+        from gateway.features.feast_store import FeastLayout
+
+        assert settings.feast_repo is not None
+        FeastLayout.from_repo(settings.feast_repo, schema)
+
+    async def model() -> None:
+        backend = build_backend(settings, schema)
+        try:
+            await backend.start()
+            try:
+                mismatch = await asyncio.wait_for(
+                    check_signature(backend, schema), SIGNATURE_CHECK_TIMEOUT_S
+                )
+            except (InferenceError, TimeoutError) as exc:
+                log.warning(
+                    "model signature not checked at start (%s); checked when the model is up",
+                    exc or type(exc).__name__,
+                )
+                return
+            if mismatch:
+                raise ConfigError(mismatch)
+        finally:
+            await backend.close()
+
+    asyncio.run(model())
+
+
+class ModelMismatch(InferenceError):
+    """The served model's signature differs from the schema (runtime.check_signature)."""
 
 
 class Gateway:
@@ -116,6 +199,7 @@ class Gateway:
         self._first_check_done = False
         self.health: dict[str, str | None] = {}  # dependency -> None (ok) or the error
         self._model_label: tuple[str, str] | None = None
+        self.schema: FeatureSchema = SCHEMA  # the configured one, from start()
         self._obs_outcome = {o: self.metrics.request_duration.labels(o).observe for o in OUTCOMES}
 
     @property
@@ -128,8 +212,15 @@ class Gateway:
         return self._pipeline
 
     async def start(self) -> None:
-        store = self._given[0] or build_store(self.settings)
-        backend = self._given[1] or build_backend(self.settings)
+        schema = configured_schema(self.settings)
+        self.schema = schema
+        store = self._given[0] or build_store(self.settings, schema)
+        backend = self._given[1] or build_backend(self.settings, schema)
+        if self.settings.feature_source == "feast":
+            from gateway.features.feast_store import FeastFeatureStore, age_observer
+
+            if isinstance(store, FeastFeatureStore):
+                store.observe_age = age_observer(self.metrics.registry)
         await backend.start()
         features_call, inference_call = build_guarded_calls(
             self.settings,
@@ -140,7 +231,9 @@ class Gateway:
             self._lag_monitor.max_lag_since,
         )
         self._store, self._backend = store, backend
-        self._pipeline = Pipeline(store, backend, features_call, inference_call, self.metrics)
+        self._pipeline = Pipeline(
+            store, backend, features_call, inference_call, self.metrics, schema
+        )
         self._lag_monitor.start()
         self._started_at = time.monotonic()
         self._health_task = asyncio.get_running_loop().create_task(
@@ -206,7 +299,7 @@ class Gateway:
     async def check_dependencies(self) -> dict[str, str | None]:
         """Check Redis (reachable, our feature schema) and the model, concurrently."""
         assert self._store is not None and self._backend is not None
-        checks = {"features": self._store.check(), "model": self._backend.ready()}
+        checks = {"features": self._store.check(), "model": self._model_check()}
         results = await asyncio.gather(
             *(asyncio.wait_for(c, HEALTH_CHECK_TIMEOUT_S) for c in checks.values()),
             return_exceptions=True,
@@ -216,7 +309,12 @@ class Gateway:
             if isinstance(r, asyncio.CancelledError):
                 raise r
             health[name] = (str(r) or type(r).__name__) if isinstance(r, BaseException) else None
-        feature_error = results[0]
+        feature_error, model_error = results
+        # A model whose signature differs from the schema would be sent the wrong tensor:
+        # the pipeline does not call it (fallback) until it fits again.
+        self.pipeline.inference_blocked = (
+            health["model"] if isinstance(model_error, ModelMismatch) else None
+        )
         # A store on another feature schema would be read with the wrong layout: the
         # pipeline reads nothing from it (fallback) until it matches again.
         self.pipeline.features_blocked = (
@@ -233,6 +331,14 @@ class Gateway:
                 log.info("dependency %s: ok again", name)
         self.health = health
         return health
+
+    async def _model_check(self) -> None:
+        """The model is ready and its signature fits the schema (else ModelMismatch)."""
+        assert self._backend is not None
+        await self._backend.ready()
+        mismatch = await check_signature(self._backend, self.schema)
+        if mismatch:
+            raise ModelMismatch(mismatch)
 
     def _refresh_model_label(self) -> None:
         backend = self._backend

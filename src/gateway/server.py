@@ -9,12 +9,16 @@ from typing import Any
 
 from gateway.config import load_settings
 from gateway.metrics import MULTIPROC_ENV
+from gateway.runtime import preflight
 
 
 def serve(host: str, port: int, workers: int = 1) -> int:
     import uvicorn
 
     settings = load_settings()  # fail fast, with one clear line per bad value
+    # The schema, the feature source and the model's signature: one line and exit 2 if
+    # wrong (inside the app's lifespan a failure would be a traceback and exit 3).
+    preflight(settings)
     mp_dir = None
     if workers > 1 and not os.environ.get(MULTIPROC_ENV):
         # Multiprocess metrics: every worker writes here, /metrics merges them.

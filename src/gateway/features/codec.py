@@ -1,10 +1,25 @@
-"""The Redis layout: one packed little-endian float32 vector per entity.
+"""The Redis layout: one packed little-endian float32 vector per entity, in generations.
 
 ::
 
-    feat:u:{user_id}        -> user view,  9 x float32 = 36 bytes
-    feat:i:{item_id}        -> item view, 10 x float32 = 40 bytes
-    feat:schema_version     -> SCHEMA.store_version, e.g. "1:3f2a9c0d1e4b"
+    feat:{gen}:u:{user_id}  -> user view,  9 x float32 = 36 bytes (built-in schema)
+    feat:{gen}:i:{item_id}  -> item view, 10 x float32 = 40 bytes
+    feat:current            -> "{gen} {store_version}", e.g. "5e0c61a2 1:c78376701f29"
+    feat:generations        -> sorted set: every generation written, scored by write time
+    feat:lock               -> held (SET NX with a TTL) while a load or import runs
+
+**Generations.** A load or import writes every vector under a new generation ``gen``
+(8 hex digits, a hash of the schema and of the data: the same data gives the same
+generation, so a repeated load rewrites identical values) and then, last, switches
+the one pointer key ``feat:current`` with one SET. A reader that follows the pointer
+sees the old set or the new one, never half of each; an import that fails half-way
+never switches it. The gateway reads the pointer in its background health check and
+builds keys with precomputed prefixes, so a request is still one MGET. Old generations
+are deleted after a switch except the ``keep`` most recent (loader.py), so a gateway
+that read the pointer up to one health interval ago still finds its keys.
+
+Redis Cluster: the generation is a plain prefix (no ``{hash tag}``), so user and item
+keys spread over slots as before and ``mget_nonatomic`` groups them by slot.
 
 One ``MGET`` of the user key and every item key is one round trip for one request,
 and its reply is decoded with one ``numpy.frombuffer`` when every value is present.
@@ -15,21 +30,58 @@ string per key, a quarter of the bytes, and decodes without a Python loop per fi
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from gateway.features.base import FeatureBatch
 from gateway.schema import SCHEMA, EntityView, FeatureSchema
 
 PREFIX = "feat"
-VERSION_KEY = f"{PREFIX}:schema_version"
+POINTER_KEY = f"{PREFIX}:current"
+GENERATIONS_KEY = f"{PREFIX}:generations"
+LOCK_KEY = f"{PREFIX}:lock"
+# Before generations: the version key of a store written by an older loader.
+LEGACY_VERSION_KEY = f"{PREFIX}:schema_version"
+
+_GEN = re.compile(r"^[0-9a-f]{8}$")
 
 
-def user_key(user_id: str) -> str:
-    return f"{PREFIX}:u:{user_id}"
+def user_prefix(gen: str) -> str:
+    """Every user key of generation ``gen`` is this plus the user id."""
+    return f"{PREFIX}:{gen}:u:"
 
 
-def item_key(item_id: str) -> str:
-    return f"{PREFIX}:i:{item_id}"
+def item_prefix(gen: str) -> str:
+    return f"{PREFIX}:{gen}:i:"
+
+
+def user_key(user_id: str, gen: str) -> str:
+    return f"{PREFIX}:{gen}:u:{user_id}"
+
+
+def item_key(item_id: str, gen: str) -> str:
+    return f"{PREFIX}:{gen}:i:{item_id}"
+
+
+def generation_pattern(gen: str) -> str:
+    """A SCAN pattern matching every vector of generation ``gen``."""
+    return f"{PREFIX}:{gen}:*"
+
+
+def pointer_value(gen: str, store_version: str) -> str:
+    if not _GEN.match(gen):
+        raise ValueError(f"bad generation {gen!r}")
+    return f"{gen} {store_version}"
+
+
+def parse_pointer(raw: bytes | str) -> tuple[str, str]:
+    """``(generation, store_version)`` from the pointer's value; ValueError if malformed."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    gen, _, version = text.partition(" ")
+    if not _GEN.match(gen) or not version:
+        raise ValueError(f"malformed {POINTER_KEY} value {text[:60]!r}")
+    return gen, version
 
 
 def encode(view: EntityView, vector: np.ndarray) -> bytes:

@@ -154,6 +154,10 @@ class RedisFeatureStore:
     ) -> None:
         self._schema = schema
         self._cluster = cluster
+        # Key prefixes of the generation the pointer names (codec.py), set by check(),
+        # which the gateway's health check calls every few seconds.
+        self.generation: str | None = None
+        self._user_prefix = self._item_prefix = ""
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = -SLOT_MAP_REFRESH_S
         kwargs = client_kwargs(connect_timeout_s, socket_timeout_s, max_connections)
@@ -209,7 +213,12 @@ class RedisFeatureStore:
             log.debug("redis cluster slot map not read: %s: %s", type(exc).__name__, exc)
 
     async def fetch(self, user_id: str, item_ids: list[str]) -> FeatureBatch:
-        keys = [codec.user_key(user_id)] + [codec.item_key(i) for i in item_ids]
+        if self.generation is None:
+            # Only before the first health check (after it, a store without a usable
+            # pointer is not read at all: Pipeline.features_blocked).
+            await self.check()
+        ip = self._item_prefix
+        keys = [self._user_prefix + user_id] + [ip + i for i in item_ids]
         with self._guarded():
             if self._cluster:
                 # Groups keys by slot and sends one pipelined batch per node.
@@ -219,18 +228,37 @@ class RedisFeatureStore:
         return codec.decode(values[0], values[1:], self._schema)
 
     async def check(self) -> None:
+        """Read the pointer: follow its generation if it is on our schema, else raise."""
         with self._guarded():
-            stored = await self._client.get(codec.VERSION_KEY)
+            stored = await self._client.get(codec.POINTER_KEY)
+            if stored is None:
+                legacy = await self._client.exists(codec.LEGACY_VERSION_KEY)
         if stored is None:
-            raise SchemaMismatch(
-                f"feature store has no {codec.VERSION_KEY}: run `gateway features load`"
+            self.generation = None
+            hint = (
+                "holds the layout of an older loader: load or import it again"
+                if legacy
+                else "is empty"
             )
-        stored_s = stored.decode() if isinstance(stored, bytes) else str(stored)
-        if stored_s != self._schema.store_version:
             raise SchemaMismatch(
-                f"feature store holds schema {stored_s}, this gateway reads "
+                f"feature store has no {codec.POINTER_KEY} (it {hint}): run "
+                "`gateway features load` or `gateway features import`"
+            )
+        try:
+            gen, version = codec.parse_pointer(stored)
+        except ValueError as exc:
+            self.generation = None
+            raise SchemaMismatch(f"feature store pointer unreadable: {exc}") from None
+        if version != self._schema.store_version:
+            self.generation = None
+            raise SchemaMismatch(
+                f"feature store holds schema {version}, this gateway reads "
                 f"{self._schema.store_version}"
             )
+        if gen != self.generation:
+            self._user_prefix, self._item_prefix = codec.user_prefix(gen), codec.item_prefix(gen)
+            self.generation = gen
+            log.info("feature store: reading generation %s", gen)
 
     async def close(self) -> None:
         if self._refresh is not None:

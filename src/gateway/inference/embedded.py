@@ -13,11 +13,26 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gateway.errors import InferenceError
-from gateway.schema import SCHEMA
+from gateway.inference.base import ModelSignature, TensorSpec
+from gateway.schema import SCHEMA, FeatureSchema
+
+# onnxruntime's element type names -> Triton's datatype names (what the schema check uses).
+_ORT_TYPES = {
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(int8)": "INT8",
+    "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL",
+    "tensor(string)": "BYTES",
+}
 
 
 class MicroBatcher:
@@ -90,6 +105,7 @@ class EmbeddedBackend:
         max_batch_rows: int,
         max_delay_s: float,
         threads: int = 1,
+        schema: FeatureSchema = SCHEMA,
     ) -> None:
         import onnxruntime as ort
 
@@ -105,6 +121,7 @@ class EmbeddedBackend:
         self.model_name = model_name
         self.model_version = "1"
         self.model_path = model_path
+        self._input_name, self._output_name = schema.input_name, schema.output_name
         self._batcher = MicroBatcher(self._run, max_batch_rows, max_delay_s)
 
     @property
@@ -112,7 +129,7 @@ class EmbeddedBackend:
         return self._batcher
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        out = self._session.run([SCHEMA.output_name], {SCHEMA.input_name: x})[0]
+        out = self._session.run([self._output_name], {self._input_name: x})[0]
         return np.asarray(out[:, 0], dtype=np.float32)
 
     async def start(self) -> None:
@@ -125,6 +142,18 @@ class EmbeddedBackend:
 
     async def ready(self) -> None:
         return None
+
+    async def signature(self) -> ModelSignature:
+        """The ONNX file's inputs and outputs (a named or unknown dimension is ``-1``)."""
+
+        def spec(arg: Any) -> TensorSpec:
+            shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
+            return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)
+
+        s = self._session
+        return ModelSignature(
+            tuple(spec(a) for a in s.get_inputs()), tuple(spec(a) for a in s.get_outputs())
+        )
 
     async def close(self) -> None:
         self._batcher.close()

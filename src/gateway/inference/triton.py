@@ -15,12 +15,15 @@ tritonclient's and gRPC's errors become ours in ``_map_error`` only.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import InferenceError, InferenceTimeout, InferenceUnavailable
-from gateway.schema import SCHEMA
+from gateway.inference.base import ModelSignature, TensorSpec
+from gateway.schema import SCHEMA, FeatureSchema
 
 # gRPC keepalive inside what a Triton with default flags accepts. Triton's gRPC server keeps
 # gRPC's defaults (server grpc_server.h KeepAliveOptions; docs inference_protocols.md):
@@ -77,14 +80,17 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, url: str, model_name: str, model_version: str = "") -> None:
+    def __init__(
+        self, url: str, model_name: str, model_version: str = "", schema: FeatureSchema = SCHEMA
+    ) -> None:
         self.url = url
+        self._input_name, self._output_name = schema.input_name, schema.output_name
         self.model_name = model_name
         self.model_version = model_version or ""
         self._requested_version = model_version
         self._client: grpcclient.InferenceServerClient | None = None
         # The same requested output every time: built once, not per request.
-        self._outputs = [grpcclient.InferRequestedOutput(SCHEMA.output_name)]
+        self._outputs = [grpcclient.InferRequestedOutput(self._output_name)]
 
     async def start(self) -> None:
         """Create the client on the running loop (a channel made at import would be bound
@@ -128,7 +134,7 @@ class TritonBackend:
         return self._client
 
     async def infer(self, matrix: np.ndarray, timeout_s: float) -> np.ndarray:
-        inp = grpcclient.InferInput(SCHEMA.input_name, list(matrix.shape), "FP32")
+        inp = grpcclient.InferInput(self._input_name, list(matrix.shape), "FP32")
         inp.set_data_from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
         try:
             result = await self._c().infer(
@@ -142,7 +148,7 @@ class TritonBackend:
             )
         except InferenceServerException as exc:
             raise _map_error(exc) from exc
-        scores = result.as_numpy(SCHEMA.output_name)
+        scores = result.as_numpy(self._output_name)
         if scores is None or scores.shape[0] != matrix.shape[0]:
             raise InferenceError("triton returned no or the wrong number of scores")
         return np.asarray(scores[:, 0], dtype=np.float32)
@@ -162,6 +168,22 @@ class TritonBackend:
             await self._learn_version()
         except InferenceServerException as exc:
             raise _map_error(exc) from exc
+
+    async def signature(self) -> ModelSignature:
+        """The model's inputs and outputs from Triton's model metadata (KServe v2)."""
+        try:
+            meta = await self._c().get_model_metadata(
+                self.model_name, self._requested_version, client_timeout=1.0
+            )
+        except InferenceServerException as exc:
+            raise _map_error(exc) from exc
+
+        def spec(t: Any) -> TensorSpec:
+            return TensorSpec(t.name, t.datatype, tuple(int(d) for d in t.shape))
+
+        return ModelSignature(
+            tuple(spec(t) for t in meta.inputs), tuple(spec(t) for t in meta.outputs)
+        )
 
     async def close(self) -> None:
         if self._client is not None:

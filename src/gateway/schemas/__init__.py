@@ -1,0 +1,1 @@
+"""Feature schema files shipped with the package (see gateway.schema)."""
