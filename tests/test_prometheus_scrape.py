@@ -389,8 +389,7 @@ def test_shipped_rules_over_a_real_scrape(
     errors.start()
     answered: list[float] = []
     fallbacks = 0
-    # Spread over a few scrapes, so the fallback-by-reason series (created at the first
-    # fallback) is scraped before most of its increase.
+    # Spread over about two seconds: several scrapes see the counts grow.
     for n in range(ANSWERED_PER_GATEWAY):
         for gw in (healthy, no_redis):
             took, result = post_predict(gw.url, n)
