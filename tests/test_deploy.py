@@ -28,7 +28,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.config import Settings
-from gateway.metrics import Metrics
+from gateway.metrics import OUTCOMES, Metrics
 from tests.procs import ROOT, TritonServer
 
 DEPLOY = ROOT / "deploy"
@@ -140,13 +140,43 @@ def test_dashboard_metrics_exist(triton: TritonServer) -> None:
         "job:gateway_request_duration_seconds:p99_5m",
         "job_stage:gateway_stage_duration_seconds:p99_5m",
         "job_reason:gateway_fallback_ratio:rate5m",
+        "job:gateway_shed_ratio:rate5m",
+        "job:gateway_error_ratio:rate5m",
         "gateway_circuit_state",
+        "gateway_dependency_up",
+        "gateway_uncounted_timeouts_total",
+        "gateway_admission_limit",
         "gateway_inflight_requests",
+        "gateway_event_loop_lag_seconds",
+        "gateway_model_info",
         "gateway_items_per_request_bucket",
         "nv_inference_queue_duration_us",
         "nv_inference_compute_infer_duration_us",
     ):
         assert needed in used, f"no dashboard panel uses {needed}"
+
+
+def test_dashboard_layout() -> None:
+    """No two panels overlap on Grafana's 24-column grid, ids are unique, and the
+    outcomes panel stacks its series (its top is the offered load)."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), ids
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, (p["title"], g)
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = p["title"]
+    outcome = [
+        p for p in panels
+        if any("by (outcome)" in t["expr"] for t in p.get("targets", []))
+    ]  # fmt: skip
+    assert outcome, "no panel shows requests by outcome"
+    assert all(p["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+               for p in outcome)  # fmt: skip
 
 
 # ---- Prometheus rules ------------------------------------------------------------------
@@ -170,6 +200,33 @@ def test_recording_rules_use_exported_metrics() -> None:
             assert names and names <= exported, (rule["record"], names - exported)
 
 
+def _outcomes(expr: str) -> set[str]:
+    """The ``outcome`` values a PromQL expression's matchers name (= or =~ alternatives)."""
+    found: set[str] = set()
+    for op, value in re.findall(r'outcome\s*(=~|=)\s*"([^"]*)"', expr):
+        found |= set(value.split("|")) if op == "=~" else {value}
+    return found
+
+
+def test_rules_and_panels_name_outcomes_the_gateway_exports() -> None:
+    """A renamed outcome would make a rule select nothing, silently. Latency quantiles and
+    the fallback ratio are over answered requests (model, fallback) only."""
+    exprs = {
+        r.get("record") or r["alert"]: r["expr"]
+        for f in RULE_FILES
+        for g in yaml.safe_load(f.read_text())["groups"]
+        for r in g["rules"]
+    }
+    for name, expr in [*exprs.items(), *(("dashboard", e) for e in dashboard_queries())]:
+        assert _outcomes(expr) <= set(OUTCOMES), (name, _outcomes(expr) - set(OUTCOMES))
+    answered = {"model", "fallback"}
+    for q in ("p50", "p95", "p99"):
+        assert _outcomes(exprs[f"job:gateway_request_duration_seconds:{q}_5m"]) == answered
+    assert _outcomes(exprs["job:gateway_fallback_ratio:rate5m"]) == answered
+    assert _outcomes(exprs["job:gateway_shed_ratio:rate5m"]) == {"shed"}
+    assert _outcomes(exprs["job:gateway_error_ratio:rate5m"]) == {"error"}
+
+
 def test_alert_rules_unit_tests() -> None:
     """promtool test rules: every alert has a case where it fires and one where it must not."""
     tests = sorted((PROM / "tests").glob("*.test.yml"))
@@ -184,7 +241,8 @@ def test_alert_rules_unit_tests() -> None:
         if "alert" in r
     }
     assert {"GatewayP99LatencyHigh", "GatewayFallbackRatioHigh", "GatewayCircuitOpen",
-            "GatewayReadinessFlapping"} <= alerts  # fmt: skip
+            "GatewayReadinessFlapping", "GatewayDependencyDown", "GatewaySheddingSustained",
+            "GatewayErrorRatioHigh"} <= alerts  # fmt: skip
     fires, quiet = set(), set()
     for f in tests:
         for case in yaml.safe_load(f.read_text())["tests"]:
