@@ -50,10 +50,17 @@ def build_store(settings: Settings) -> FeatureStore:
 
 
 def build_backend(settings: Settings) -> InferenceBackend:
-    if settings.triton_url:
+    url = settings.triton_url
+    if url and url.startswith("http://"):
+        from gateway.inference.triton_http import TritonHTTPBackend
+
+        return TritonHTTPBackend(url, settings.model_name, settings.model_version)
+    if url:
         from gateway.inference.triton import TritonBackend
 
-        return TritonBackend(settings.triton_url, settings.model_name, settings.model_version)
+        return TritonBackend(
+            url.removeprefix("grpc://"), settings.model_name, settings.model_version
+        )
     from gateway.inference.embedded import EmbeddedBackend
     from gateway.modelbuild import CPU_MODEL_FILE
     from gateway.paths import default_model_repository

@@ -42,6 +42,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,6 +93,17 @@ def parse_http_url(url: str) -> list[tuple[str, int]]:
             raise ValueError(f"each target must be host:port, got {part!r} in {url!r}")
         targets.append((host, int(port)))
     return targets
+
+
+Resolver = Callable[[str, int], Awaitable[list[tuple[str, int]]]]
+
+
+async def _getaddrinfo(host: str, port: int) -> list[tuple[str, int]]:
+    """Every TCP address ``host`` resolves to; off the event loop (a resolver thread)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    return [(str(info[4][0]), int(info[4][1])) for info in infos]
 
 
 def _is_ip(host: str) -> bool:
@@ -309,8 +321,17 @@ class TritonHTTPBackend:
     name = "triton"  # the dependency's name in metrics and breakers: the same service
     protocol = "http"
 
-    def __init__(self, url: str, model_name: str, model_version: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        model_version: str = "",
+        resolver: Resolver | None = None,
+    ) -> None:
+        """``resolver(host, port)`` -> addresses; default ``getaddrinfo`` in a thread (tests
+        pass their own to play DNS)."""
         self.url = url
+        self._resolver_fn = resolver or _getaddrinfo
         self.targets = parse_http_url(url)
         self.model_name = model_name
         self.model_version = model_version or ""
@@ -336,7 +357,7 @@ class TritonHTTPBackend:
         self._addrs: list[_Address] = []
         self._rr = 0
         self._closed = False
-        self._resolver: asyncio.Task[None] | None = None
+        self._resolver_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resolve_error: str | None = None
 
@@ -345,9 +366,11 @@ class TritonHTTPBackend:
     async def start(self) -> None:
         """Resolve the addresses and learn the served version if Triton is up already."""
         self._loop = asyncio.get_running_loop()
-        await self._resolve()
+        await self.resolve()
         if any(not _is_ip(host) for host, _ in self.targets):
-            self._resolver = self._loop.create_task(self._resolve_loop(), name="triton-resolve")
+            self._resolver_task = self._loop.create_task(
+                self._resolve_loop(), name="triton-resolve"
+            )
         try:
             await self._learn_version()
         except InferenceError:
@@ -357,7 +380,7 @@ class TritonHTTPBackend:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [t for t in [self._resolver, *(a.probe for a in self._addrs)] if t is not None]
+        tasks = [t for t in [self._resolver_task, *(a.probe for a in self._addrs)] if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -370,19 +393,17 @@ class TritonHTTPBackend:
 
     # -- resolution --------------------------------------------------------------------
 
-    async def _resolve(self) -> None:
-        """Resolve every target; keep the last good set when resolution fails."""
+    async def resolve(self) -> None:
+        """Resolve every target now (also every ``RESOLVE_INTERVAL_S``); keep the last good
+        set when resolution fails. Addresses gone close their idle connections."""
         assert self._loop is not None
         found: list[tuple[str, int]] = []
         try:
             for host, port in self.targets:
                 if _is_ip(host):
                     found.append((host, port))
-                    continue
-                infos = await self._loop.getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-                )
-                found.extend((str(info[4][0]), int(info[4][1])) for info in infos)
+                else:
+                    found.extend(await self._resolver_fn(host, port))
         except OSError as exc:
             msg = f"cannot resolve the triton address {self.url}: {exc}"
             if msg != self._resolve_error:
@@ -406,7 +427,7 @@ class TritonHTTPBackend:
     async def _resolve_loop(self) -> None:
         while True:
             await asyncio.sleep(RESOLVE_INTERVAL_S if self._addrs else RESOLVE_RETRY_S)
-            await self._resolve()
+            await self.resolve()
 
     # -- choosing an address -----------------------------------------------------------
 
