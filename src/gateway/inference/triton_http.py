@@ -513,8 +513,12 @@ class TritonHTTPBackend:
         else:
             addr.idle.append(conn)
 
-    async def _call(self, data: bytes, timeout_s: float, what: str) -> tuple[int, bytes, bytes]:
-        """One request/reply on a pooled connection: (status, lower-cased head, body).
+    async def _exchange(
+        self, data: bytes, timeout_s: float, what: str
+    ) -> tuple[_Conn, int, bytes, bytes]:
+        """One request/reply on a pooled connection: (connection, status, lower-cased
+        head, body). The caller hands the connection to :meth:`_settle` once the reply
+        proved usable, or aborts it.
 
         Any failure closes the connection and becomes an ``InferenceError``;
         cancellation closes it and passes.
@@ -544,10 +548,20 @@ class TritonHTTPBackend:
         except ValueError as exc:
             conn.abort()
             raise _transport_error(_BadReply(f"bad status line {head[:40]!r}"), what) from exc
+        return conn, status, head, body
+
+    def _settle(self, conn: _Conn, head: bytes) -> None:
+        """A complete, usable reply: the connection goes back to its pool (unless the
+        server said it closes it)."""
         if b"\r\nconnection: close" in head:
             conn.abort()
         else:
             self._release(conn)
+
+    async def _call(self, data: bytes, timeout_s: float, what: str) -> tuple[int, bytes, bytes]:
+        """:meth:`_exchange` for replies any well-formed HTTP makes usable."""
+        conn, status, head, body = await self._exchange(data, timeout_s, what)
+        self._settle(conn, head)
         return status, head, body
 
     async def _get(self, path: bytes, timeout_s: float) -> tuple[int, bytes]:
@@ -585,13 +599,17 @@ class TritonHTTPBackend:
         # Triton's per-request timeout is in microseconds; at least 1.
         header = self._json_header(rows, max(1, int(timeout_s * 1e6)))
         data = b"".join((self._post_head % (len(header), len(header) + m.nbytes), header, m.data))
-        status, head, body = await self._call(data, timeout_s, "infer")
+        conn, status, head, body = await self._exchange(data, timeout_s, "infer")
         if status != 200:
+            self._settle(conn, head)  # an error reply read in full: the connection is fine
             raise _reply_error(status, body)
         try:
-            return self._scores(head, body, rows)
-        except (_BadReply, orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            scores = self._scores(head, body, rows)
+        except (_BadReply, ValueError, KeyError, IndexError, TypeError) as exc:
+            conn.abort()  # not what Triton sends: trust nothing more from this connection
             raise _transport_error(_BadReply(str(exc)), "infer") from exc
+        self._settle(conn, head)
+        return scores
 
     @staticmethod
     def _scores(head: bytes, body: bytes, rows: int) -> np.ndarray:
