@@ -118,6 +118,10 @@ class _Conn(asyncio.Protocol):
         replies, self._replies = self._replies, []
         waiter.set_result(replies)
 
+    def eof_received(self) -> bool | None:
+        self.closed = True  # never handed out again, even before connection_lost runs
+        return None  # close the transport; connection_lost fails any call in flight
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         waiter = self._waiter
@@ -201,11 +205,13 @@ class RespPool:
         except BaseException:
             self._discard(conn)
             raise
-        self._release(conn)
         if isinstance(reply, hiredis.ReplyError):
+            self._release(conn)  # an error reply read in full: the connection is in step
             raise reply
         if not isinstance(reply, list) or len(reply) != len(keys):
+            self._discard(conn)  # not what Redis answers to MGET: trust nothing more from it
             raise hiredis.ProtocolError(f"MGET of {len(keys)} keys answered with {reply!r:.80}")
+        self._release(conn)
         return reply
 
     async def close(self) -> None:

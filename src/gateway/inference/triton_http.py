@@ -232,6 +232,7 @@ class _Conn(asyncio.Protocol):
         waiter.set_result((head, body))
 
     def eof_received(self) -> bool | None:
+        self.closed = True  # never handed out again, even before connection_lost runs
         return None  # close the transport; connection_lost fails any call in flight
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -319,7 +320,6 @@ class TritonHTTPBackend:
     """Triton's HTTP endpoint: one POST per /predict, round robin over its addresses."""
 
     name = "triton"  # the dependency's name in metrics and breakers: the same service
-    protocol = "http"
 
     def __init__(
         self,
