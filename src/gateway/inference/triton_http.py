@@ -9,8 +9,10 @@ same request as a raw HTTP/1.1 keep-alive POST with the binary tensor extension 
 client. tritonclient's HTTP aio client (aiohttp) costs more than the raw POST: it builds
 request objects, JSON and a response wrapper per call. The protocol needed here is
 small (one POST, a Content-Length reply), so it is written out: an ``asyncio.Protocol``
-per connection (cheaper than streams' ``readuntil``/``readexactly``: one future per
-call; measured in the branch's report) that parses the reply head once it is complete.
+per connection that parses the reply head once it is complete, one future per call.
+Measured the same way, the bare exchange costs 18-25 us over a Protocol vs 23-30 us
+over streams (``readuntil`` + ``readexactly``) at 16 callers, 52-79 vs 60-91 us at 1;
+this backend, with its deadline timer, pool and reply checks, 35-44 us (gRPC: 165-210).
 
 What the code promises:
 
