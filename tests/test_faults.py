@@ -35,6 +35,7 @@ from gateway.features import codec
 from gateway.features.loader import load
 from tests.loadgen import Load, Rec, record, summarize
 from tests.procs import MODEL_REPOSITORY, GatewayServer, RedisServer, TritonServer
+from tests.protocols import PROTOCOLS, as_url, endpoint, scenario, triton_url
 
 BUDGET_S = 0.050  # GATEWAY_BUDGET_TOTAL_MS default
 SLACK_S = 0.010  # the issue's "+ 10 ms"
@@ -162,8 +163,9 @@ def check_retry_budget(
 # -- Triton ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_triton_killed_and_restarted(
-    redis_server, triton_factory, proxy_factory, gateway_factory, tmp_path
+    protocol, redis_server, triton_factory, proxy_factory, gateway_factory, tmp_path
 ) -> None:
     """SIGKILL Triton (launcher, server and backend stubs); a new one takes its place.
 
@@ -178,14 +180,14 @@ def test_triton_killed_and_restarted(
     repo = ctr_repository(tmp_path / "repo")
     tr = triton_factory(repo)
     spare = triton_factory(repo)
-    px = proxy_factory(tr.grpc_url)
-    gw = gateway_factory(gateway_env(redis_server.url, px.address), ready=True)
+    px = proxy_factory(endpoint(tr, protocol))
+    gw = gateway_factory(gateway_env(redis_server.url, as_url(px.address, protocol)), ready=True)
 
     def restart() -> None:
-        px.set("upstream", to=spare.grpc_url)
+        px.set("upstream", to=endpoint(spare, protocol))
 
     run_scenario(
-        "triton SIGKILL + restart",
+        scenario("triton SIGKILL + restart", protocol),
         gw,
         lambda: kill_tree(tr),
         restart,
@@ -195,12 +197,13 @@ def test_triton_killed_and_restarted(
     )
 
 
-def test_triton_blackholed(redis_server, triton, proxy_factory, gateway_factory) -> None:
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_triton_blackholed(protocol, redis_server, triton, proxy_factory, gateway_factory) -> None:
     """Triton's packets vanish: accepted, never answered (a hung peer or a dropped route)."""
-    px = proxy_factory(triton.grpc_url)
-    gw = gateway_factory(gateway_env(redis_server.url, px.address), ready=True)
+    px = proxy_factory(endpoint(triton, protocol))
+    gw = gateway_factory(gateway_env(redis_server.url, as_url(px.address, protocol)), ready=True)
     run_scenario(
-        "triton blackholed",
+        scenario("triton blackholed", protocol),
         gw,
         lambda: px.set("blackhole"),
         lambda: px.set("pass"),
@@ -209,12 +212,17 @@ def test_triton_blackholed(redis_server, triton, proxy_factory, gateway_factory)
     )
 
 
-def test_triton_slower_than_budget(redis_server, triton, proxy_factory, gateway_factory) -> None:
-    """Every Triton reply 40 ms late (> the 30 ms inference budget): timeouts, then open."""
-    px = proxy_factory(triton.grpc_url)
-    gw = gateway_factory(gateway_env(redis_server.url, px.address), ready=True)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_triton_slower_than_budget(
+    protocol, redis_server, triton, proxy_factory, gateway_factory
+) -> None:
+    """Every Triton reply 40 ms late (> the 30 ms inference budget): timeouts, then open.
+    Over HTTP each timed-out call also closes its connection: the model answers again
+    afterwards on fresh ones, never with a late reply meant for another request."""
+    px = proxy_factory(endpoint(triton, protocol))
+    gw = gateway_factory(gateway_env(redis_server.url, as_url(px.address, protocol)), ready=True)
     recs = run_scenario(
-        "triton slower than budget",
+        scenario("triton slower than budget", protocol),
         gw,
         lambda: px.set("latency", ms=40, jitter_ms=5),
         lambda: px.set("pass"),
@@ -253,10 +261,13 @@ def ctr_repository(dest: Path, queue_full: bool = False) -> Path:
     return dest
 
 
-def test_triton_queue_full(redis_server, triton_factory, gateway_factory, tmp_path) -> None:
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_triton_queue_full(
+    protocol, redis_server, triton_factory, gateway_factory, tmp_path
+) -> None:
     """Triton with max_queue_size 1 under a burst: rejected requests fall back, fast."""
     tr = triton_factory(ctr_repository(tmp_path / "repo", queue_full=True))
-    gw = gateway_factory(gateway_env(redis_server.url, tr.grpc_url), ready=True)
+    gw = gateway_factory(gateway_env(redis_server.url, triton_url(tr, protocol)), ready=True)
     before = scrape(gw)
     # Steady 100 requests/s of 20 items: about one request per 10 ms batching window, so
     # many arrive while another waits in the queue of one, and are rejected.
@@ -265,7 +276,10 @@ def test_triton_queue_full(redis_server, triton_factory, gateway_factory, tmp_pa
     calm = Load(gw.port, rate=20, conns=1, max_seconds=RESET_S + 3).run_for(RESET_S + 2.5)
     after = scrape(gw)
     recs = burst.recs + calm.recs
-    record("triton queue full", summarize(recs, dropped=len(burst.errors) + len(calm.errors)))
+    record(
+        scenario("triton queue full", protocol),
+        summarize(recs, dropped=len(burst.errors) + len(calm.errors)),
+    )
 
     assert not burst.errors and not calm.errors
     assert all(r.status == 200 for r in recs), {r.status for r in recs}
@@ -303,7 +317,7 @@ def loaded_redis(fresh_redis: RedisServer) -> RedisServer:
 def test_redis_killed_and_restarted(loaded_redis, triton, gateway_factory) -> None:
     """SIGKILL redis-server; start it again on its port (empty) and reload it."""
     rs = loaded_redis
-    gw = gateway_factory(gateway_env(rs.url, triton.grpc_url), ready=True)
+    gw = gateway_factory(gateway_env(rs.url, triton_url(triton)), ready=True)
 
     def kill() -> None:
         rs.stop(signal.SIGKILL)
@@ -333,7 +347,7 @@ def test_redis_killed_and_restarted(loaded_redis, triton, gateway_factory) -> No
 def test_redis_paused(loaded_redis, triton, gateway_factory) -> None:
     """CLIENT PAUSE ALL for 1.5 s: features time out, fall back; no poisoned connection."""
     rs = loaded_redis
-    gw = gateway_factory(gateway_env(rs.url, triton.grpc_url), ready=True)
+    gw = gateway_factory(gateway_env(rs.url, triton_url(triton)), ready=True)
     admin = redis.Redis.from_url(rs.url)
     try:
         run_scenario(
@@ -352,7 +366,7 @@ def test_redis_paused(loaded_redis, triton, gateway_factory) -> None:
 def test_redis_latency_over_budget(loaded_redis, triton, proxy_factory, gateway_factory) -> None:
     """Every Redis reply 25 ms late (> the 15 ms features budget)."""
     px = proxy_factory(f"127.0.0.1:{loaded_redis.port}")
-    gw = gateway_factory(gateway_env(f"redis://{px.address}/0", triton.grpc_url), ready=True)
+    gw = gateway_factory(gateway_env(f"redis://{px.address}/0", triton_url(triton)), ready=True)
     run_scenario(
         "redis latency 25 ms",
         gw,
@@ -368,7 +382,7 @@ def test_redis_latency_under_budget_is_served(
 ) -> None:
     """2-5 ms of Redis latency fits the features budget: the model keeps answering."""
     px = proxy_factory(f"127.0.0.1:{loaded_redis.port}")
-    gw = gateway_factory(gateway_env(f"redis://{px.address}/0", triton.grpc_url), ready=True)
+    gw = gateway_factory(gateway_env(f"redis://{px.address}/0", triton_url(triton)), ready=True)
     px.set("latency", ms=2, jitter_ms=3)
     load = Load(gw.port, rate=RATE, conns=4, max_seconds=5).run_for(2.0)
     record("redis latency 2-5 ms", summarize(load.recs, dropped=len(load.errors)))
@@ -381,7 +395,7 @@ def test_redis_latency_under_budget_is_served(
 def test_redis_connections_reset(loaded_redis, triton, proxy_factory, gateway_factory) -> None:
     """Every Redis connection reset (RST), new ones too: transient errors, retried in budget."""
     px = proxy_factory(f"127.0.0.1:{loaded_redis.port}")
-    gw = gateway_factory(gateway_env(f"redis://{px.address}/0", triton.grpc_url), ready=True)
+    gw = gateway_factory(gateway_env(f"redis://{px.address}/0", triton_url(triton)), ready=True)
     run_scenario(
         "redis connection reset",
         gw,
@@ -395,7 +409,7 @@ def test_redis_connections_reset(loaded_redis, triton, proxy_factory, gateway_fa
 def test_redis_slow_close(loaded_redis, triton, proxy_factory, gateway_factory) -> None:
     """Redis stops answering and closes each connection only 300 ms later (slow close)."""
     px = proxy_factory(f"127.0.0.1:{loaded_redis.port}")
-    gw = gateway_factory(gateway_env(f"redis://{px.address}/0", triton.grpc_url), ready=True)
+    gw = gateway_factory(gateway_env(f"redis://{px.address}/0", triton_url(triton)), ready=True)
     run_scenario(
         "redis slow close",
         gw,
@@ -409,7 +423,7 @@ def test_redis_slow_close(loaded_redis, triton, proxy_factory, gateway_factory) 
 def test_redis_short_and_corrupt_values(loaded_redis, triton, gateway_factory) -> None:
     """Short, long and NaN values for some keys: served on defaults, counted, never a 500."""
     rs = loaded_redis
-    gw = gateway_factory(gateway_env(rs.url, triton.grpc_url), ready=True)
+    gw = gateway_factory(gateway_env(rs.url, triton_url(triton)), ready=True)
     admin = redis.Redis.from_url(rs.url)
     nan_item = np.full(10, np.nan, dtype=np.float32).tobytes()
     gen, _ = codec.parse_pointer(admin.get(codec.POINTER_KEY))

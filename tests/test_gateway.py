@@ -19,6 +19,7 @@ from gateway.features.redis_store import RedisFeatureStore
 from gateway.schema import DEVICES, SCHEMA
 from gateway.synth import Impressions, design_matrix, make_world
 from tests.procs import MODEL_REPOSITORY, GatewayServer, RedisServer, TritonServer
+from tests.protocols import PROTOCOLS, triton_url
 
 BUDGET_SLACK_S = 0.010  # the issue's "total budget + 10 ms"
 ITEMS = [f"i{k}" for k in range(0, 500, 10)]  # 50 known items
@@ -60,8 +61,8 @@ def _triton_requests(t: TritonServer, model: str = "ctr") -> float:
     return total
 
 
-def _env(redis_url: str, triton_url: str, **extra: object) -> dict[str, str]:
-    env = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_TRITON_URL": triton_url}
+def _env(redis_url: str, inference_url: str, **extra: object) -> dict[str, str]:
+    env = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_TRITON_URL": inference_url}
     env.update({f"GATEWAY_{k.upper()}": str(v) for k, v in extra.items()})
     return env
 
@@ -79,10 +80,14 @@ def test_embedded_default_needs_no_servers(gateway_factory: Callable[..., Gatewa
     assert gw.log_path is not None and "embedded default" in gw.log_path.read_text()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_model_path_scores_equal_onnxruntime_on_the_same_features(
-    redis_server: RedisServer, triton: TritonServer, gateway_factory: Callable[..., GatewayServer]
+    protocol: str,
+    redis_server: RedisServer,
+    triton: TritonServer,
+    gateway_factory: Callable[..., GatewayServer],
 ) -> None:
-    gw = gateway_factory(_env(redis_server.url, triton.grpc_url), ready=True)
+    gw = gateway_factory(_env(redis_server.url, triton_url(triton, protocol)), ready=True)
     items = ITEMS + ["not-an-item"]
     r, _ = _post(
         gw,
@@ -147,15 +152,22 @@ def test_gateway_feature_matrix_equals_training_matrix_byte_for_byte(
         assert asyncio.run(served(u)).tobytes() == design_matrix(world, imps).tobytes()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_triton_down_breaker_opens_then_model_returns(
-    redis_server: RedisServer, gateway_factory: Callable[..., GatewayServer], tmp_path
+    protocol: str,
+    redis_server: RedisServer,
+    gateway_factory: Callable[..., GatewayServer],
+    tmp_path,
 ) -> None:
     reset_s = 5.0
     t = TritonServer(log_path=tmp_path / "triton.log").start()
     try:
         gw = gateway_factory(
             _env(
-                redis_server.url, t.grpc_url, breaker_min_calls=3, breaker_reset_timeout_s=reset_s
+                redis_server.url,
+                triton_url(t, protocol),
+                breaker_min_calls=3,
+                breaker_reset_timeout_s=reset_s,
             ),
             ready=True,
         )
@@ -210,7 +222,7 @@ def test_redis_pause_falls_back_within_budget_and_does_not_poison_the_pool(
     fresh_redis: RedisServer, triton: TritonServer, gateway_factory: Callable[..., GatewayServer]
 ) -> None:
     _loaded_fresh(fresh_redis)
-    gw = gateway_factory(_env(fresh_redis.url, triton.grpc_url), ready=True)
+    gw = gateway_factory(_env(fresh_redis.url, triton_url(triton)), ready=True)
     req = {"user_id": "u42", "item_ids": ITEMS}
     before, _ = _post(gw, req)
     assert before.json()["fallback"] is None
@@ -244,7 +256,7 @@ def test_retries_stay_within_the_retry_budget_during_an_outage(
     gw = gateway_factory(
         _env(
             fresh_redis.url,
-            triton.grpc_url,
+            triton_url(triton),
             breaker_min_calls=100_000,
             retry_budget_min_per_s=0.5,
             retry_budget_ratio=0.1,
@@ -315,11 +327,15 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_bad_input_gets_its_4xx_and_never_reaches_redis_or_triton(
-    fresh_redis: RedisServer, triton: TritonServer, gateway_factory: Callable[..., GatewayServer]
+    protocol: str,
+    fresh_redis: RedisServer,
+    triton: TritonServer,
+    gateway_factory: Callable[..., GatewayServer],
 ) -> None:
     _loaded_fresh(fresh_redis)
-    gw = gateway_factory(_env(fresh_redis.url, triton.grpc_url), ready=True)
+    gw = gateway_factory(_env(fresh_redis.url, triton_url(triton, protocol)), ready=True)
     admin = redis.Redis.from_url(fresh_redis.url)
 
     def mgets() -> int:
@@ -343,7 +359,9 @@ def test_a_store_on_another_schema_is_not_read_and_readiness_says_why(
     """Readiness is about this process; a wrong schema or a dead Redis is in its body, and
     the fallback answers (reading vectors of another layout would feed the model garbage)."""
     _loaded_fresh(fresh_redis)
-    gw = gateway_factory(_env(fresh_redis.url, triton.grpc_url, health_interval_s=0.1), ready=True)
+    gw = gateway_factory(
+        _env(fresh_redis.url, triton_url(triton), health_interval_s=0.1), ready=True
+    )
     admin = redis.Redis.from_url(fresh_redis.url)
 
     def mgets() -> int:
@@ -401,7 +419,7 @@ def test_timeout_header_bounds_a_slow_dependency(
     gateway_factory: Callable[..., GatewayServer],
 ) -> None:
     _loaded_fresh(fresh_redis)
-    gw = gateway_factory(_env(fresh_redis.url, triton.grpc_url), ready=True)
+    gw = gateway_factory(_env(fresh_redis.url, triton_url(triton)), ready=True)
     admin = redis.Redis.from_url(fresh_redis.url)
     admin.execute_command("CLIENT", "PAUSE", "2000", "ALL")
     took = []

@@ -1,9 +1,11 @@
 """Client-side balancing over several Triton replicas (issue 4, Kubernetes section).
 
 Behind a ClusterIP Service gRPC keeps one HTTP/2 connection to one pod, so every
-request lands on one Triton replica. The gateway instead gives gRPC every address
-(``GATEWAY_TRITON_URL=a:p,b:q`` here; ``dns:///`` a headless Service in the cluster) with
-the ``round_robin`` policy. These tests run two real local Tritons and read each one's
+request lands on one Triton replica. The gateway instead balances itself over every
+address: over gRPC with the ``round_robin`` policy (``GATEWAY_TRITON_URL=a:p,b:q`` here;
+``dns:///`` a headless Service in the cluster), over HTTP round robin per request over
+its keep-alive pools (``http://a:p,b:q``; a headless Service's name resolves to every
+pod). These tests run two real local Tritons, with each protocol, and read each one's
 own ``nv_inference_request_success`` counter.
 """
 
@@ -17,6 +19,7 @@ import httpx
 import pytest
 
 from tests.procs import GatewayServer, TritonServer
+from tests.protocols import PROTOCOLS, as_url, endpoint
 
 MODEL = "ctr"
 # Enough requests that a strict alternation and a lopsided split are far apart.
@@ -50,14 +53,20 @@ def predict(client: httpx.Client, i: int) -> dict:
     return r.json()
 
 
+def both(a: TritonServer, b: TritonServer, protocol: str) -> str:
+    return as_url(f"{endpoint(a, protocol)},{endpoint(b, protocol)}", protocol)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_requests_spread_over_both_tritons(
+    protocol: str,
     triton: TritonServer,
     second_triton: TritonServer,
     gateway_factory: Callable[..., GatewayServer],
 ) -> None:
     """Each /predict is one Triton request, and round robin sends about half to each."""
     gw = gateway_factory(
-        env={"GATEWAY_TRITON_URL": f"{triton.grpc_url},{second_triton.grpc_url}"}, ready=True
+        env={"GATEWAY_TRITON_URL": both(triton, second_triton, protocol)}, ready=True
     )
     before = successes(triton), successes(second_triton)
     with httpx.Client(base_url=gw.url, timeout=5) as client:
@@ -65,18 +74,21 @@ def test_requests_spread_over_both_tritons(
     assert [a["fallback"] for a in answers] == [None] * N_REQUESTS
     d1, d2 = successes(triton) - before[0], successes(second_triton) - before[1]
     assert d1 + d2 == N_REQUESTS, (d1, d2)
-    # round_robin alternates over READY subchannels: each gets close to half.
+    # Both alternate over live addresses (gRPC: READY subchannels): each gets about half.
     assert min(d1, d2) >= 0.4 * N_REQUESTS, f"lopsided split: {d1:.0f} vs {d2:.0f}"
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_one_triton_stopped_the_other_takes_all(
+    protocol: str,
     triton: TritonServer,
     second_triton: TritonServer,
     gateway_factory: Callable[..., GatewayServer],
 ) -> None:
-    """With one replica gone, gRPC drops its subchannel and the model still answers."""
+    """With one replica gone, gRPC drops its subchannel, HTTP marks its address down (a
+    background probe reconnects later), and the model still answers."""
     gw = gateway_factory(
-        env={"GATEWAY_TRITON_URL": f"{triton.grpc_url},{second_triton.grpc_url}"}, ready=True
+        env={"GATEWAY_TRITON_URL": both(triton, second_triton, protocol)}, ready=True
     )
     with httpx.Client(base_url=gw.url, timeout=5) as client:
         for i in range(20):

@@ -31,8 +31,10 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(False, description="treat redis_url as a Redis Cluster node")
     triton_url: str | None = Field(
         None,
-        description="Triton gRPC target: host:port, a comma list of host:port for client-side "
-        "round robin, or dns:///name:port; unset = in-process onnxruntime",
+        description="Triton: http://host:8000 (HTTP/1.1, the default for new deployments; "
+        "http://a:8000,b:8000 or a name resolving to several addresses for round robin), or "
+        "gRPC as host:port, grpc://host:port, a comma list of host:port, or dns:///name:port; "
+        "unset = in-process onnxruntime",
     )
     model_name: str = Field("ctr", min_length=1)
     model_version: str = Field("", description="Triton model version; empty = latest")
@@ -158,10 +160,19 @@ class Settings(BaseSettings):
     def _triton_url(cls, v: str | None) -> str | None:
         if v in (None, ""):
             return None
-        if "://" in v and not v.startswith(("dns:", "ipv4:", "ipv6:")):
-            raise ValueError(f"must be host:port (gRPC), not a URL with a scheme, got {v!r}")
-        if ":" not in v:
-            raise ValueError(f"must be host:port, got {v!r}")
+        if v.startswith("http://"):
+            from gateway.inference.triton_http import parse_http_url
+
+            parse_http_url(v)  # raises ValueError with the reason
+            return v
+        grpc = v.removeprefix("grpc://")
+        if "://" in grpc and not grpc.startswith(("dns:", "ipv4:", "ipv6:")):
+            raise ValueError(
+                "must be http://host:port[,host:port] (HTTP) or host:port, grpc://host:port, "
+                f"dns:///name:port (gRPC), got {v!r}"
+            )
+        if ":" not in grpc:
+            raise ValueError(f"must name a port (http://host:8000 or host:8001), got {v!r}")
         return v
 
     @field_validator("log_level")

@@ -76,11 +76,16 @@ def build_store(settings: Settings, schema: FeatureSchema = SCHEMA) -> FeatureSt
 
 
 def build_backend(settings: Settings, schema: FeatureSchema = SCHEMA) -> InferenceBackend:
-    if settings.triton_url:
+    url = settings.triton_url
+    if url and url.startswith("http://"):
+        from gateway.inference.triton_http import TritonHTTPBackend
+
+        return TritonHTTPBackend(url, settings.model_name, settings.model_version, schema)
+    if url:
         from gateway.inference.triton import TritonBackend
 
         return TritonBackend(
-            settings.triton_url, settings.model_name, settings.model_version, schema
+            url.removeprefix("grpc://"), settings.model_name, settings.model_version, schema
         )
     from gateway.inference.embedded import EmbeddedBackend
     from gateway.modelbuild import CPU_MODEL_FILE

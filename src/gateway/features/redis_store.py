@@ -1,14 +1,17 @@
 """Redis feature store: one MGET per request (one round trip), packed vectors.
 
-Every exception out of a redis-py call is converted to ours here and nowhere else
-(``_mapped``): a failing store is a fallback reason, never a 500. That includes the
-cluster client's errors that are not ``RedisError`` (``RedisClusterException`` and its
-``SlotNotCoveredError``), and anything else it may raise; only cancellation passes.
-redis-py's own retries are off (``Retry(NoBackoff(), 0)``): the gateway retries in
-one layer, its own, inside the stage deadline. Timeouts are explicit.
-A call cancelled by the stage timeout makes redis-py disconnect that connection
-(the fix for CVE-2023-28858/28859), so a half-read reply never reaches the next
-request; a test checks this with ``CLIENT PAUSE``.
+Without cluster mode the request path's MGET goes over raw RESP2 connections
+(``features/resp.py``: redis-py cost 5x their CPU for this one command); the health
+check and cluster mode use redis-py. Every exception out of either client is converted
+to ours here and nowhere else (``_mapped``): a failing store is a fallback reason, never
+a 500. That includes the cluster client's errors that are not ``RedisError``
+(``RedisClusterException`` and its ``SlotNotCoveredError``), and anything else it may
+raise; only cancellation passes. redis-py's own retries are off (``Retry(NoBackoff(),
+0)``) and the fast path has none: the gateway retries in one layer, its own, inside the
+stage deadline. Timeouts are explicit. A call cancelled by the stage timeout
+disconnects its connection (redis-py's fix for CVE-2023-28858/28859; ``resp.py`` does
+the same), so a half-read reply never reaches the next request; a test checks this with
+``CLIENT PAUSE``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+import hiredis
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -40,6 +44,7 @@ from gateway.errors import (
 )
 from gateway.features import codec
 from gateway.features.base import FeatureBatch
+from gateway.features.resp import RespPool
 from gateway.schema import SCHEMA, FeatureSchema
 
 log = logging.getLogger("gateway.features")
@@ -55,7 +60,11 @@ SLOT_MAP_REFRESH_S = 1.0
 
 @contextmanager
 def _mapped(cluster: bool = False) -> Iterator[None]:
-    """Convert every exception of a redis-py call to a FeatureStoreError subclass.
+    """Convert every exception of a redis-py or fast-path call to a FeatureStoreError subclass.
+
+    The fast path (``resp.py``) raises the standard library's ``OSError``/
+    ``ConnectionError`` and ``TimeoutError`` and hiredis's ``ReplyError`` (an error reply)
+    and ``ProtocolError``, converted here alongside redis-py's.
 
     redis-py 8's tree (``redis/exceptions.py``): ``RedisError`` holds the connection,
     timeout and server-reply errors, the cluster's ``ClusterDownError``,
@@ -85,6 +94,11 @@ def _mapped(cluster: bool = False) -> Iterator[None]:
         raise FeatureStoreUnavailable(f"redis unreachable: {exc}") from exc
     except (RedisError, RedisClusterException, ChildDeadlockedError) as exc:
         raise FeatureStoreError(f"redis error: {type(exc).__name__}: {exc}") from exc
+    except hiredis.ReplyError as exc:
+        # An error reply on the fast path (resp.py): NOPERM, LOADING, WRONGPASS, ...
+        raise FeatureStoreError(f"redis error: {exc}") from exc
+    except hiredis.HiredisError as exc:
+        raise FeatureStoreError(f"redis protocol error: {type(exc).__name__}: {exc}") from exc
     except RuntimeError as exc:
         # uvloop raises RuntimeError("unable to perform operation on <TCPTransport
         # closed=True ...>; the handler is closed") when redis-py writes to a connection
@@ -160,6 +174,7 @@ class RedisFeatureStore:
         self._user_prefix = self._item_prefix = ""
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = -SLOT_MAP_REFRESH_S
+        self._fast: RespPool | None = None
         kwargs = client_kwargs(connect_timeout_s, socket_timeout_s, max_connections)
         if cluster:
             from redis.asyncio.cluster import RedisCluster
@@ -180,6 +195,8 @@ class RedisFeatureStore:
                 **{k: v for k, v in kwargs.items() if k != "retry_on_timeout"},
             )
             self._client = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+            # The request path's MGET: same URL, timeouts and connection limit.
+            self._fast = RespPool(url, connect_timeout_s, socket_timeout_s, max_connections)
 
     @property
     def client(self) -> Any:
@@ -220,11 +237,11 @@ class RedisFeatureStore:
         ip = self._item_prefix
         keys = [self._user_prefix + user_id] + [ip + i for i in item_ids]
         with self._guarded():
-            if self._cluster:
-                # Groups keys by slot and sends one pipelined batch per node.
-                values = await self._client.mget_nonatomic(keys)
+            if self._fast is not None:
+                values = await self._fast.mget(keys)
             else:
-                values = await self._client.mget(keys)
+                # Cluster: groups keys by slot and sends one pipelined batch per node.
+                values = await self._client.mget_nonatomic(keys)
         return codec.decode(values[0], values[1:], self._schema)
 
     async def check(self) -> None:
@@ -265,6 +282,8 @@ class RedisFeatureStore:
             self._refresh.cancel()
             with suppress(asyncio.CancelledError):
                 await self._refresh
+        if self._fast is not None:
+            await self._fast.close()
         with _mapped(self._cluster):
             if self._cluster:
                 await self._client.aclose()

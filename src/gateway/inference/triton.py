@@ -148,7 +148,13 @@ class TritonBackend:
             )
         except InferenceServerException as exc:
             raise _map_error(exc) from exc
-        scores = result.as_numpy(self._output_name)
+        try:
+            scores = result.as_numpy(self._output_name)
+        except AttributeError as exc:
+            # grpc.aio returns None for a reply it cannot deserialize (it only logs
+            # "Exception deserializing message!") and tritonclient wraps that None: a
+            # corrupt reply, not a bug of ours (the blackhole fault test met it as a 500).
+            raise InferenceError("triton's reply could not be decoded") from exc
         if scores is None or scores.shape[0] != matrix.shape[0]:
             raise InferenceError("triton returned no or the wrong number of scores")
         return np.asarray(scores[:, 0], dtype=np.float32)
