@@ -28,6 +28,8 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
     ChildDeadlockedError,
     RedisClusterException,
     RedisError,
@@ -90,6 +92,10 @@ def _mapped(cluster: bool = False) -> Iterator[None]:
         raise FeatureStoreError(f"redis cluster: no node serves slot {exc}") from exc
     except (RedisTimeoutError, TimeoutError) as exc:
         raise FeatureStoreTimeout(f"redis timed out: {exc}") from exc
+    except (AuthenticationError, AuthorizationError) as exc:
+        # Subclasses of redis-py's ConnectionError, but not an outage: a retry cannot
+        # help, and "unreachable" would send an operator looking at the network.
+        raise FeatureStoreError(f"redis refused our credentials (WRONGPASS/NOAUTH): {exc}") from exc
     except (RedisConnectionError, ConnectionError, OSError) as exc:
         raise FeatureStoreUnavailable(f"redis unreachable: {exc}") from exc
     except (RedisError, RedisClusterException, ChildDeadlockedError) as exc:
