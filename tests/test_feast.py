@@ -107,7 +107,9 @@ def test_gateway_serves_predictions_from_feast(
         ready=True,
     )
     with httpx.Client(timeout=5) as http:
-        for _ in range(20):  # ages are sampled: 1 request in 16
+        # Ages are sampled on one request in 16 per worker, counted from the worker's first
+        # read (warm-up and readiness reads included): 40 requests hold at least two.
+        for _ in range(40):
             r = http.post(
                 f"{gw.url}/predict",
                 json={"user_id": "u10", "item_ids": ["i1", "i9", "ghost"], "context": {"hour": 20}},
