@@ -19,16 +19,15 @@ Feast's Redis layout (feast 0.67 ``infra/online_stores/redis.py`` and
   holding a serialized ``ValueProto``; and ``_ts:view``, a serialized
   ``google.protobuf.Timestamp`` (the event time) per feature view.
 
-**The request path** is one round trip: one ``EVALSHA`` of a short Lua script that runs
-``HMGET`` on the user's hash and on every item's hash with their views' fields and
-returns one flat array (what a pipeline of HMGETs returns, as one command: redis-py
-packs and parses one command instead of 51 for 50 items). Values are decoded per
+**The request path** is one round trip: one ``HMGET`` per hash (the user's, then every
+item's) with their views' fields, pipelined in one write on a raw RESP connection
+(``resp.py``) and parsed by hiredis. The reply is joined into one buffer and decoded per
 feature, for all entities at once: a FLOAT or DOUBLE value is a fixed 5- or 9-byte
 string (tag + IEEE bytes) and a FLOAT_LIST or DOUBLE_LIST of a fixed length has a fixed
-header, so one ``b"".join`` and one ``numpy.frombuffer`` decode a feature for 50
-entities; null, empty or other-typed values (INT32, INT64, BOOL, lists of them) take
-the protobuf parser, one value at a time. A null value or an entity a view does not
-hold is served on the schema's default; an entity no view holds counts as missing.
+header, so each feature of 50 entities is one gather from that buffer; null, empty or
+other-typed values (INT32, INT64, BOOL, lists of them) take the protobuf parser, one
+value at a time. A null value or an entity a view does not hold is served on the
+schema's default; an entity no view holds counts as missing.
 
 Staleness: the ``_ts`` fields give each view's event time; the age of the oldest value a
 request was served from each view feeds ``gateway_feature_age_seconds{view}`` (one
@@ -41,7 +40,7 @@ with several entities, and online feature view versioning.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import itertools
 import logging
 import struct
@@ -52,13 +51,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import hiredis
 import numpy as np
-from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.errors import ConfigError
 from gateway.features import feast_proto as fp
 from gateway.features.base import FeatureBatch
+from gateway.features.resp import RespPool
 from gateway.schema import EntityView, FeatureSchema
 
 log = logging.getLogger("gateway.features")
@@ -73,26 +71,26 @@ AGE_BUCKETS = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86_400,
 # shape at a sixteenth of the cost.
 AGE_SAMPLE = 16
 
-# One HMGET per hash, server-side, as one flat reply. ARGV[1] = how many fields the
-# first key (the user) takes; then the user's fields, then the items' fields. A missing
-# value becomes "" (Lua false would end the array early in some clients; "" decodes as
-# null here, as an empty ValueProto does in Feast).
-_LUA = """
-local nu = tonumber(ARGV[1])
-local uf, itf = {}, {}
-for i = 2, nu + 1 do uf[#uf + 1] = ARGV[i] end
-for i = nu + 2, #ARGV do itf[#itf + 1] = ARGV[i] end
-local out = {}
-for k, key in ipairs(KEYS) do
-  local vals = redis.call('HMGET', key, unpack(k == 1 and uf or itf))
-  for j = 1, #vals do
-    local v = vals[j]
-    if v == false then v = '' end
-    out[#out + 1] = v
-  end
-end
-return out
-"""
+# Packed item commands kept (see FeastFeatureStore._item_command): 100,000 ids, ~20 MB.
+ITEM_COMMANDS_MAX = 100_000
+
+
+def _bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _hmget_parts(fields: tuple[bytes, ...]) -> tuple[bytes, bytes]:
+    """``HMGET <key> <fields...>`` in RESP as (what goes before the key, what after).
+
+    The command's framing is written here rather than by ``hiredis.pack_command`` per
+    call because only the key changes between the 51 commands of a read: the fields'
+    part is packed once at start (this is RESP's documented array-of-bulk-strings form,
+    the same bytes ``pack_command`` writes).
+    """
+    head = b"*%d\r\n$5\r\nHMGET\r\n" % (2 + len(fields))
+    return head, b"".join(_bulk(f) for f in fields)
+
 
 # A key that no entity serializes to (it is shorter than any version-3 key): stands for
 # an id that cannot be an INT64/INT32 entity value.
@@ -132,6 +130,25 @@ class _Field:
     # (header, numpy dtype, size) when the value type has a fixed layout, else None.
     fixed: tuple[bytes, str, int] | None = None
 
+    @functools.cached_property
+    def span(self) -> slice | None:
+        """The schema columns as one slice when value ``j`` fills column ``c0 + j`` (the
+        usual case: a decoded (n, length) block is then written in one assignment)."""
+        c0 = self.columns[0]
+        if self.indexes == tuple(range(self.length)) and self.columns == tuple(
+            range(c0, c0 + self.length)
+        ):
+            return slice(c0, c0 + self.length)
+        return None
+
+    @functools.cached_property
+    def gather(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(byte offsets 0..size-1, the header as bytes) for the fixed-layout gather."""
+        if self.fixed is None:
+            return None
+        header, _, size = self.fixed
+        return np.arange(size), np.frombuffer(header, dtype=np.uint8)
+
 
 def fixed_layout(vt: int, n: int) -> tuple[bytes, str, int] | None:
     """(header, dtype, size) of a ValueProto of type ``vt`` with ``n`` values, if fixed."""
@@ -162,6 +179,11 @@ class _Plan:
     hash_fields: tuple[bytes, ...]  # feature fields, then one _ts field per view
     key_head: bytes
     project: bytes
+
+    @functools.cached_property
+    def default(self) -> np.ndarray:
+        """The schema view's default vector (built once: it is read on every request)."""
+        return self.view.default_vector()
 
     def key(self, entity_id: str) -> bytes:
         """The Redis key of one entity (``serialize_entity_key`` v3 + project)."""
@@ -356,52 +378,79 @@ def _plan(
 # -- decoding ----------------------------------------------------------------------------
 
 
-def _decode_field(f: _Field, col: list[bytes], out: np.ndarray) -> None:
+def _decode_field(
+    f: _Field,
+    flat: list[bytes],
+    k: int,
+    stride: int,
+    lens: np.ndarray,
+    starts: np.ndarray,
+    buf: np.ndarray,
+    out: np.ndarray,
+) -> None:
     """Write one feature's values for all entities into ``out`` (rows = entities);
-    null, empty or undecodable values leave ``out``'s defaults."""
-    n = len(col)
-    lens = np.fromiter(map(len, col), dtype=np.int64, count=n)
-    fixed = f.fixed
-    rest = lens > 0
-    if fixed is not None:
-        header, dtype, size = fixed
+    null, empty or undecodable values leave ``out``'s defaults. The feature's value for
+    entity ``r`` is ``flat[r * stride + k]``; ``lens``/``starts`` are the lengths and
+    offsets of those values in ``buf`` (every value of the reply, joined)."""
+    fixed, gather = f.fixed, f.gather
+    if fixed is not None and gather is not None:
+        _, dtype, size = fixed
+        offsets, header = gather
+        h = len(header)
         ok = lens == size
-        if ok.any():
-            buf = b"".join(col) if ok.all() else b"".join(itertools.compress(col, ok))
-            raw = np.frombuffer(buf, dtype=np.uint8).reshape(-1, size)
-            h = len(header)
-            good = (raw[:, :h] == np.frombuffer(header, dtype=np.uint8)).all(axis=1)
-            values = np.ascontiguousarray(raw[:, h:]).view(dtype)  # (m, length)
-            rows = np.flatnonzero(ok)[good]
-            out[np.ix_(rows, f.columns)] = values[good][:, f.indexes]
-            rest = rest & ~ok
-            rest[np.flatnonzero(ok)[~good]] = True
+        if ok.all():  # the usual case: every entity holds the feature, in its layout
+            raw = buf[starts[:, None] + offsets]  # (n, size) bytes, one gather
+            good = (raw[:, :h] == header).all(axis=1)
+            if good.all():
+                values = np.ascontiguousarray(raw[:, h:]).view(dtype)  # (n, length)
+                span = f.span
+                if span is not None:
+                    out[:, span] = values
+                else:
+                    out[:, f.columns] = values[:, f.indexes]
+                return
+        # Some entities lack the feature (null) or hold another layout: decode the rest
+        # of them at once the same way, and only the odd ones one by one below.
+        rest = lens > 0
+        rows = np.flatnonzero(ok)
+        if len(rows):
+            raw = buf[starts[rows, None] + offsets]
+            good = (raw[:, :h] == header).all(axis=1)
+            if not good.all():
+                rows, raw = rows[good], raw[good]
+            values = np.ascontiguousarray(raw[:, h:]).view(dtype)
+            span = f.span
+            if span is not None:
+                out[rows, span] = values
+            else:
+                out[np.ix_(rows, np.asarray(f.columns))] = values[:, f.indexes]
+            rest[rows] = False
+        if not rest.any():
+            return
+    else:
+        rest = lens > 0
     for r in np.flatnonzero(rest):
         # The slow path: another type, a null marker, a list of another length.
-        vals = fp.value_as_floats(col[r])
+        vals = fp.value_as_floats(flat[r * stride + k])
         if vals is not None and len(vals) == f.length:
             out[r, f.columns] = [vals[i] for i in f.indexes]
 
 
-def _seconds(col: list[bytes]) -> np.ndarray:
-    """Event times (Unix seconds, -1 where absent) of serialized protobuf Timestamps.
+def _seconds(lens: np.ndarray, starts: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """Event times (Unix seconds, -1 where absent) of serialized protobuf Timestamps,
+    given their lengths and offsets in ``buf``.
 
     A Timestamp is ``08 <varint seconds> [10 <varint nanos>]``; for any time from 1978
     to 3058 the seconds are a 5-byte varint, so they sit at bytes 1-5 of every value
     and decode for all entities at once. Anything else counts as absent.
     """
-    n = len(col)
-    lens = np.fromiter(map(len, col), dtype=np.int64, count=n)
-    out = np.full(n, -1, dtype=np.int64)
-    ok = lens >= 6
-    if not ok.any():
+    out = np.full(len(lens), -1, dtype=np.int64)
+    idx = np.flatnonzero(lens >= 6)
+    if not len(idx):
         return out
-    buf = np.frombuffer(b"".join(itertools.compress(col, ok)), dtype=np.uint8)
-    starts = np.concatenate(([0], np.cumsum(lens[ok])[:-1]))
-    b = buf[starts[:, None] + np.arange(6)].astype(np.int64)  # (m, 6)
+    b = buf[starts[idx, None] + np.arange(6)].astype(np.int64)  # (m, 6)
     good = (b[:, 0] == 0x08) & ((b[:, 1:5] & 0x80) != 0).all(axis=1) & (b[:, 5] < 0x80)
     secs = ((b[:, 1:6] & 0x7F) << (7 * np.arange(5))).sum(axis=1)
-    idx = np.flatnonzero(ok)
     out[idx[good]] = secs[good]
     return out
 
@@ -410,28 +459,62 @@ def decode(
     plan: _Plan, flat: list[bytes], n: int, with_ages: bool = True
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """(vectors (n, width), missing mask, oldest age per Feast view) for ``n`` entities
-    whose replies are ``flat`` (one row of ``len(plan.hash_fields)`` values each).
-    An entity no view holds (no ``_ts`` field) is missing."""
+    whose replies are ``flat`` (one row of ``len(plan.hash_fields)`` values each, b""
+    for a field the hash lacks). An entity no view holds (no ``_ts`` field) is missing.
+
+    The whole reply is joined into one buffer once; each feature is then gathered from
+    it by offset for all entities (a handful of NumPy calls per feature, none per value
+    on the fixed-layout path): a profile of the earlier per-feature join spent 250 us of
+    a 50-item read in NumPy call overhead.
+    """
+    if n == 1 and not with_ages:
+        return _decode_one(plan, flat)
     stride = len(plan.hash_fields)
-    out = np.tile(plan.view.default_vector(), (n, 1))
+    lens = np.fromiter(map(len, flat), dtype=np.int64, count=n * stride)
+    buf = np.frombuffer(b"".join(flat), dtype=np.uint8)
+    starts = (np.cumsum(lens) - lens).reshape(n, stride)
+    lens = lens.reshape(n, stride)
+    default = plan.default
+    out = np.empty((n, len(default)), dtype=default.dtype)
+    out[:] = default
     for k, f in enumerate(plan.fields):
-        _decode_field(f, flat[k::stride], out)
-    nf, nv = len(plan.fields), len(plan.views)
-    ts = flat[nf::stride] if nv == 1 else [v for k in range(nv) for v in flat[nf + k :: stride]]
-    held = np.fromiter(map(len, ts), dtype=np.int64, count=n * nv).reshape(nv, n) > 0
-    present = held.any(axis=0)
+        _decode_field(f, flat, k, stride, lens[:, k], starts[:, k], buf, out)
+    nf = len(plan.fields)
+    present = (lens[:, nf:] > 0).any(axis=1)
     ages: dict[str, float] = {}
     if with_ages:
         now = time.time()
         for k, view in enumerate(plan.views):
-            secs = _seconds(flat[nf + k :: stride])
+            secs = _seconds(lens[:, nf + k], starts[:, nf + k], buf)
             if (secs >= 0).any():
                 ages[view] = max(0.0, now - float(secs[secs >= 0].min()))
     return out, ~present, ages
 
 
+def _decode_one(plan: _Plan, flat: list[bytes]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """:func:`decode` for one entity (the user), value by value: the array path's fixed
+    cost (25 us, a profile) is more than decoding one entity's few values directly."""
+    out = plan.default.copy()
+    for f, value in zip(plan.fields, flat, strict=False):
+        if not value:
+            continue
+        if f.fixed is not None and len(value) == f.fixed[2] and value.startswith(f.fixed[0]):
+            vals = np.frombuffer(value, dtype=f.fixed[1], offset=len(f.fixed[0]))
+        else:
+            floats = fp.value_as_floats(value)
+            if floats is None or len(floats) != f.length:
+                continue
+            vals = np.asarray(floats, dtype=out.dtype)
+        if f.span is not None:
+            out[f.span] = vals
+        else:
+            out[list(f.columns)] = vals[list(f.indexes)]
+    present = any(flat[len(plan.fields) :])
+    return out[None, :], np.array([not present]), {}
+
+
 class FeastFeatureStore:
-    """Reads the layout in the module docstring with one EVALSHA per request."""
+    """Reads the layout in the module docstring with one pipelined round trip per request."""
 
     name = "feast"
 
@@ -444,26 +527,23 @@ class FeastFeatureStore:
         max_connections: int = 64,
     ) -> None:
         import redis.asyncio as redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
 
         from gateway.features.redis_store import client_kwargs
 
         self.layout = layout
         url = redis_url or layout.redis_url
-        kwargs = client_kwargs(connect_timeout_s, socket_timeout_s, max_connections)
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            timeout=connect_timeout_s,
-            **{k: v for k, v in kwargs.items() if k != "retry_on_timeout"},
-        )
-        self._pool = pool
-        self._client = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
-        self._sha = hashlib.sha1(_LUA.encode()).hexdigest().encode()
+        # redis-py for the health check only; the request path's pipeline goes over the
+        # raw RESP pool (resp.py), which also does AUTH, SELECT and TLS from the URL.
+        kwargs = client_kwargs(connect_timeout_s, socket_timeout_s, 2)
+        kwargs.pop("retry_on_timeout")
+        self._client = redis.Redis.from_url(url, **kwargs)
+        self._fast = RespPool(url, connect_timeout_s, socket_timeout_s, max_connections)
         self._requests = 0
         u, i = layout.user, layout.item
-        self._args: list[bytes | int] = [len(u.hash_fields), *u.hash_fields, *i.hash_fields]
+        self._user_cmd = _hmget_parts(u.hash_fields)
+        self._item_cmd = _hmget_parts(i.hash_fields)
         self._ustride, self._istride = len(u.hash_fields), len(i.hash_fields)
+        self._item_cmds: dict[str, bytes] = {}
         # Set by the gateway (runtime.py): observes the oldest age per view and request.
         self.observe_age: Callable[[str, float], None] | None = None
 
@@ -478,42 +558,41 @@ class FeastFeatureStore:
         return self._client
 
     async def read(self, user_id: str, item_ids: list[str]) -> list[bytes]:
-        """The raw flat reply: the user's fields, then each item's (one round trip).
+        """The raw flat reply: the user's fields, then each item's (one round trip), with
+        b"" for a field a hash lacks.
 
-        The command is packed by hiredis in one call and sent on a pooled redis-py
-        connection: redis-py's own packing of ~60 arguments cost more than the round
-        trip (a profile: 100 us of 470 us). An error or cancellation mid-reply
-        disconnects the connection, as redis-py does (CVE-2023-28858/28859), so a
-        half-read reply never reaches the next request.
+        One HMGET per hash, pipelined in one write on a raw RESP connection (resp.py)
+        and parsed by hiredis. Measured per 50-item read (loadtests/feast_compare.py's
+        set-up, a profile): the earlier single EVALSHA of a Lua loop over the same
+        HMGETs cost 188 us of Redis time alone (``INFO commandstats``) and 400 us in
+        all through redis-py. An error or cancellation mid-reply closes the connection
+        (CVE-2023-28858/28859), so a half-read reply never reaches the next request.
         """
         from gateway.features.redis_store import _mapped
 
-        item = self.layout.item
-        keys = [self.layout.user.key(user_id)] + [item.key(i) for i in item_ids]
-        # hiredis's stub types the tuple as of one element; it takes any length.
-        cmd = hiredis.pack_command(
-            (b"EVALSHA", self._sha, len(keys), *keys, *self._args)  # type: ignore[arg-type]
-        )
+        uhead, utail = self._user_cmd
+        parts = [uhead, _bulk(self.layout.user.key(user_id)), utail]
+        cache = self._item_cmds
+        for i in item_ids:
+            cmd = cache.get(i)
+            if cmd is None:
+                cmd = self._item_command(i)
+            parts.append(cmd)
+        widths = [self._ustride] + [self._istride] * len(item_ids)
         with _mapped():
-            try:
-                return await self._call(cmd)
-            except NoScriptError:  # a restarted or flushed Redis: load it, once
-                await self._client.script_load(_LUA)
-                return await self._call(cmd)
+            replies = await self._fast.pipeline(b"".join(parts), widths)
+        return [v if v is not None else b"" for reply in replies for v in reply]
 
-    async def _call(self, cmd: bytes) -> list[bytes]:
-        conn = await self._pool.get_connection()
-        try:
-            await conn.send_packed_command(cmd, check_health=False)
-            reply: list[bytes] = await conn.read_response()
-        except ResponseError:
-            raise  # an error reply, read whole: the connection is fine
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            await self._pool.release(conn)
-        return reply
+    def _item_command(self, item_id: str) -> bytes:
+        """An item's packed HMGET, remembered: a catalogue's ids recur on every request,
+        and packing its key cost 0.3 us per item (a profile: 15 us of a 50-item read).
+        The memory is bounded (cleared when full; an id is a few hundred bytes there)."""
+        ihead, itail = self._item_cmd
+        cmd = ihead + _bulk(self.layout.item.key(item_id)) + itail
+        if len(self._item_cmds) >= ITEM_COMMANDS_MAX:
+            self._item_cmds.clear()
+        self._item_cmds[item_id] = cmd
+        return cmd
 
     async def fetch(self, user_id: str, item_ids: list[str]) -> FeatureBatch:
         flat = await self.read(user_id, item_ids)
@@ -538,6 +617,7 @@ class FeastFeatureStore:
         from gateway.features.redis_store import _mapped
 
         with _mapped():
+            await self._fast.close()
             await self._client.aclose(close_connection_pool=True)
 
 

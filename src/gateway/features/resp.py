@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -198,21 +199,30 @@ class RespPool:
 
     async def mget(self, keys: list[str]) -> list[bytes | None]:
         """One MGET; its reply, or raises (see the module docstring for what)."""
-        data = _pack("MGET", *keys)
+        (reply,) = await self.pipeline(_pack("MGET", *keys), (len(keys),))
+        return reply
+
+    async def pipeline(self, data: bytes, widths: Sequence[int]) -> list[list[Any]]:
+        """Packed commands that each answer an array (MGET, HMGET), sent in one write;
+        ``widths`` gives each one's expected length. Their replies, or raises like
+        :meth:`mget`."""
         conn = await self._acquire()
         try:
-            (reply,) = await conn.call(data, 1, self._socket_timeout_s)
+            replies = await conn.call(data, len(widths), self._socket_timeout_s)
         except BaseException:
             self._discard(conn)
             raise
-        if isinstance(reply, hiredis.ReplyError):
-            self._release(conn)  # an error reply read in full: the connection is in step
-            raise reply
-        if not isinstance(reply, list) or len(reply) != len(keys):
-            self._discard(conn)  # not what Redis answers to MGET: trust nothing more from it
-            raise hiredis.ProtocolError(f"MGET of {len(keys)} keys answered with {reply!r:.80}")
+        for reply, width in zip(replies, widths, strict=True):
+            if isinstance(reply, hiredis.ReplyError):
+                self._release(conn)  # error replies read in full: the connection is in step
+                raise reply
+            if not isinstance(reply, list) or len(reply) != width:
+                self._discard(conn)  # not what Redis answers: trust nothing more from it
+                raise hiredis.ProtocolError(
+                    f"a command of {width} keys or fields answered with {reply!r:.80}"
+                )
         self._release(conn)
-        return reply
+        return replies
 
     async def close(self) -> None:
         self._closed = True
