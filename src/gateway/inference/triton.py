@@ -1,9 +1,11 @@
 """Triton over gRPC (tritonclient's asyncio client), created once on the running loop.
 
-The remaining stage budget travels with each request twice: as the gRPC deadline
-(``client_timeout``: gRPC cancels the call server-side when it passes) and as
-Triton's per-request ``timeout`` in microseconds, which the model's queue policy
-honours (``allow_timeout_override``), so Triton drops queued work nobody waits for.
+The remaining stage budget travels with each request as the gRPC deadline
+(``client_timeout``): when it passes, gRPC cancels the call server-side and Triton drops
+the request when its batcher reaches it, so Triton does not work for a caller that gave
+up. It also travels as Triton's per-request ``timeout`` (microseconds), which Triton
+applies only under a queue policy that allows overrides; the shipped config has no queue
+policy (``model_repository/ctr/config.pbtxt`` says why: bursts).
 
 Several Triton replicas: ``GATEWAY_TRITON_URL`` may be ``dns:///triton-headless:8001``
 (a headless Service: gRPC resolves every pod address) or ``ipv4:a:p,b:q``; the channel

@@ -20,10 +20,13 @@ What the code promises:
   only after a complete, well-formed reply. A call that times out, is cancelled or gets
   a reply it cannot read closes its connection (a half-read reply must never reach the
   next request: the HTTP twin of CVE-2023-28858/28859).
-* The time left travels as Triton's per-request ``timeout`` parameter (microseconds, in
-  the JSON header's ``parameters``; ``docs/protocol/extension_parameters.md`` lists it as
-  reserved for Triton; the model's queue policy honours it with
-  ``allow_timeout_override``) and bounds the wait for the reply here.
+* The time left bounds the wait for the reply here, and travels as Triton's per-request
+  ``timeout`` parameter (microseconds, in the JSON header's ``parameters``;
+  ``docs/protocol/extension_parameters.md`` lists it as reserved for Triton), which
+  Triton applies only under a queue policy that allows overrides: the shipped config has
+  none (``config.pbtxt`` says why). Triton's HTTP front end does not cancel a request
+  whose connection closed (its request-cancellation guide covers gRPC), so work for a
+  caller that gave up is bounded by the gateway's admission limit, not cancelled.
 * Several replicas: ``http://a:8000,b:8000`` and/or host names that resolve to several
   addresses (a headless Service), resolved again every ``RESOLVE_INTERVAL_S`` off the
   event loop (``loop.getaddrinfo`` runs in a thread). Requests go round robin over the
