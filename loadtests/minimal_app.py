@@ -19,7 +19,8 @@ validation (only ``orjson.loads`` and key look-ups), budgets, breakers, retries,
 admission control, metrics, request ids and timings. A dependency failure is a 500.
 
 Configuration, read by the factory in the server process (never at import):
-``MINIMAL_REDIS_URL``, ``MINIMAL_TRITON_URL`` (gRPC ``host:port``), ``MINIMAL_MODEL_NAME``
+``MINIMAL_REDIS_URL``, ``MINIMAL_TRITON_URL`` (``host:port``: gRPC's, or HTTP's for
+``create_triton_http_app``), ``MINIMAL_MODEL_NAME``
 (default ``ctr``), ``MINIMAL_MODEL_PATH`` (cpu mode; default the ``ctr`` CPU model).
 """
 
@@ -115,6 +116,29 @@ def create_triton_app() -> FastAPI:
         async def infer(matrix: np.ndarray) -> np.ndarray:
             inp = grpcclient.InferInput(SCHEMA.input_name, list(matrix.shape), "FP32")
             inp.set_data_from_numpy(matrix)
+            result = await client.infer(model_name, [inp], outputs=outputs)
+            return result.as_numpy(SCHEMA.output_name)[:, 0]
+
+        return infer, client.close
+
+    return _app(make)
+
+
+def create_triton_http_app() -> FastAPI:
+    """Redis MGET + one Triton HTTP/REST infer per request (``tritonclient.http.aio``,
+    binary tensor data), the transport the gateway uses for an ``http://`` URL."""
+    import tritonclient.http.aio as httpclient
+
+    url = os.environ["MINIMAL_TRITON_URL"]
+    model_name = os.environ.get("MINIMAL_MODEL_NAME", "ctr")
+
+    async def make() -> tuple[Infer, Close]:
+        client = httpclient.InferenceServerClient(url)  # its aiohttp session: this loop's
+        outputs = [httpclient.InferRequestedOutput(SCHEMA.output_name, binary_data=True)]
+
+        async def infer(matrix: np.ndarray) -> np.ndarray:
+            inp = httpclient.InferInput(SCHEMA.input_name, list(matrix.shape), "FP32")
+            inp.set_data_from_numpy(matrix, binary_data=True)
             result = await client.infer(model_name, [inp], outputs=outputs)
             return result.as_numpy(SCHEMA.output_name)[:, 0]
 

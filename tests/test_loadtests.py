@@ -112,12 +112,12 @@ def test_compare_interleaves_both_pairs_and_writes_the_report(tmp_path: Path) ->
     proc = _bench(
         "--connections", "1,2", "--seconds", "1", "--rounds", "2", "--quiet-wait", "0",
         "--profile-seconds", "1", "--profile-connections", "2", "--out", str(out),
-        module="loadtests.bench.compare",
+        "--pairs", "triton-http,cpu", module="loadtests.bench.compare",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "compare.json").read_text())
     assert [(s["pair"], s["connections"]) for s in data["summaries"]] == [
-        ("triton", 1), ("cpu", 1), ("triton", 2), ("cpu", 2),
+        ("triton-http", 1), ("cpu", 1), ("triton-http", 2), ("cpu", 2),
     ]  # fmt: skip
     for s in data["summaries"]:
         assert s["a_stats"]["requests"] > 0 and s["b_stats"]["requests"] > 0, s
@@ -127,11 +127,15 @@ def test_compare_interleaves_both_pairs_and_writes_the_report(tmp_path: Path) ->
         assert 0 <= s["a_stats"]["fallback_share"] < 0.5, s
         assert s["b_stats"]["fallbacks"] == 0, s
     # A/B, then B/A: the order alternates from round to round.
-    orders = [r["order"] for r in data["rounds"]["triton"]["1"]]
-    assert orders == [["gateway", "minimal-triton"], ["minimal-triton", "gateway"]]
-    assert set(data["profiles"]) == {"gateway", "minimal-triton", "gateway-cpu", "minimal-cpu"}
+    orders = [r["order"] for r in data["rounds"]["triton-http"]["1"]]
+    assert orders == [
+        ["gateway-http", "minimal-triton-http"], ["minimal-triton-http", "gateway-http"]
+    ]  # fmt: skip
+    assert set(data["profiles"]) == {
+        "gateway-http", "minimal-triton-http", "gateway-cpu", "minimal-cpu"
+    }  # fmt: skip
     assert all(p["samples"] > 0 for p in data["profiles"].values())
-    assert set(data["extra_cost"]) == {"triton", "cpu"}
+    assert set(data["extra_cost"]) == {"triton-http", "cpu"}
     md = (out / "compare.md").read_text()
     assert "## Gateway / minimal, same run" in md
     assert "## Where the gateway's extra CPU goes" in md

@@ -5,6 +5,8 @@ same servers and data (``loadtests/minimal_app.py``):
 
 - ``triton``: ``gateway`` (GATEWAY_REDIS_URL + GATEWAY_TRITON_URL) vs ``minimal-triton``
   (one MGET + one Triton gRPC infer);
+- ``triton-http``: the same over Triton's HTTP/REST port: ``gateway-http``
+  (GATEWAY_TRITON_URL=http://...) vs ``minimal-triton-http`` (tritonclient.http.aio);
 - ``cpu``: ``gateway-cpu`` (GATEWAY_REDIS_URL, no Triton: in-process onnxruntime) vs
   ``minimal-cpu`` (one MGET + onnxruntime inline on the event loop).
 
@@ -54,11 +56,16 @@ log = logging.getLogger("bench.compare")
 
 PAIRS: dict[str, tuple[str, str]] = {
     "triton": ("gateway", "minimal-triton"),
+    "triton-http": ("gateway-http", "minimal-triton-http"),
     "cpu": ("gateway-cpu", "minimal-cpu"),
 }
 DESCRIPTIONS = {
     "gateway": "gateway serve, GATEWAY_REDIS_URL + GATEWAY_TRITON_URL (INT8 `ctr` on Triton)",
     "minimal-triton": "minimal_app: one MGET + one tritonclient.grpc.aio infer",
+    "gateway-http": "gateway serve, GATEWAY_REDIS_URL + GATEWAY_TRITON_URL=http://... "
+    "(Triton's HTTP/REST port, the gateway's own HTTP transport)",
+    "minimal-triton-http": "minimal_app: one MGET + one tritonclient.http.aio infer "
+    "(binary tensors)",
     "gateway-cpu": "gateway serve, GATEWAY_REDIS_URL only (in-process onnxruntime, "
     "micro-batcher on a worker thread)",
     "minimal-cpu": "minimal_app: one MGET + onnxruntime session.run inline on the loop",
@@ -101,18 +108,24 @@ def start_servers(
 
 def _start(name: str, redis: RedisServer, triton: TritonServer | None, log_dir: Path) -> Server:
     deps = {"redis": redis.proc.pid}  # type: ignore[union-attr]
-    if name in ("gateway", "minimal-triton"):
+    if name in ("gateway", "minimal-triton", "gateway-http", "minimal-triton-http"):
         assert triton is not None and triton.proc is not None
         deps["triton"] = triton.proc.pid
     if name.startswith("gateway"):
         env = {"GATEWAY_REDIS_URL": redis.url, "GATEWAY_LOG_LEVEL": "WARNING"}
         if name == "gateway":
             env["GATEWAY_TRITON_URL"] = triton.grpc_url  # type: ignore[union-attr]
+        elif name == "gateway-http":
+            env["GATEWAY_TRITON_URL"] = f"http://{triton.http_url}"  # type: ignore[union-attr]
         gw = GatewayServer(env=env, log_path=log_dir / f"{name}.log").start(60, ready=True)
         return Server(name, gw.url, {"server": gw.proc.pid, **deps}, f"{gw.url}/metrics", gw.stop)  # type: ignore[union-attr]
     mode = name.removeprefix("minimal-")
     mn = MinimalServer(
-        mode, redis.url, triton.grpc_url if triton else "", log_path=log_dir / f"{name}.log"
+        mode,
+        redis.url,
+        triton.grpc_url if triton else "",
+        triton_http=triton.http_url if triton else "",
+        log_path=log_dir / f"{name}.log",
     ).start()
     return Server(name, mn.url, {"server": mn.proc.pid, **deps}, None, mn.stop)  # type: ignore[union-attr]
 
@@ -366,7 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
         log_dir = Path(tmp)
         redis = RedisServer().start()
-        triton = TritonServer(log_path=log_dir / "triton.log") if "triton" in args.pairs else None
+        uses_triton = any(p.startswith("triton") for p in args.pairs)
+        triton = TritonServer(log_path=log_dir / "triton.log") if uses_triton else None
         servers: dict[str, Server] = {}
         try:
             load(redis.url, progress=False)

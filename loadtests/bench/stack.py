@@ -104,13 +104,15 @@ def _terminate(proc: subprocess.Popen | None) -> None:
 
 @dataclass
 class MinimalServer:
-    """``loadtests/minimal_app.py`` in one mode: ``triton`` (MGET + Triton gRPC) or
-    ``cpu`` (MGET + inline onnxruntime), with the gateway's server settings."""
+    """``loadtests/minimal_app.py`` in one mode: ``triton`` (MGET + Triton gRPC),
+    ``triton-http`` (MGET + Triton HTTP) or ``cpu`` (MGET + inline onnxruntime), with the
+    gateway's server settings."""
 
     mode: str
     redis_url: str
     triton_grpc: str = ""
     model_name: str = "ctr"
+    triton_http: str = ""
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
@@ -120,13 +122,17 @@ class MinimalServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> MinimalServer:
-        if self.mode not in ("triton", "cpu"):
-            raise ValueError(f"minimal app mode must be triton or cpu, not {self.mode!r}")
+        if self.mode not in ("triton", "triton-http", "cpu"):
+            raise ValueError(
+                f"minimal app mode must be triton, triton-http or cpu, not {self.mode!r}"
+            )
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINIMAL_")}
         env.update(MINIMAL_REDIS_URL=self.redis_url, MINIMAL_MODEL_NAME=self.model_name)
         if self.mode == "triton":
             env["MINIMAL_TRITON_URL"] = self.triton_grpc
-        app = f"loadtests.minimal_app:create_{self.mode}_app"
+        elif self.mode == "triton-http":
+            env["MINIMAL_TRITON_URL"] = self.triton_http
+        app = f"loadtests.minimal_app:create_{self.mode.replace('-', '_')}_app"
         self.proc = _uvicorn(["--factory", app], self.port, env, self.log_path)
         wait_http(f"{self.url}/healthz", timeout, self.proc)
         return self
