@@ -40,7 +40,7 @@ def test_benchmark_completes_on_a_tiny_ladder(tmp_path: Path) -> None:
     assert names == {
         "gateway", "gateway-before", "naive", "triton-direct", "embedded", "gateway-fp32",
         "fallback", "gateway-poisson", "gateway-burst",
-        "gateway-locust",
+        "gateway-locust", "gateway-http",
     }  # fmt: skip
     by = {s["name"]: s for s in data["scenarios"]}
     for s in data["scenarios"]:
@@ -51,6 +51,7 @@ def test_benchmark_completes_on_a_tiny_ladder(tmp_path: Path) -> None:
         assert step["arrivals"]["process"] in {"constant", "poisson", "burst"}, s["name"]
     # The gateway's own stage histograms were read, and the fallback scenario fell back.
     assert by["gateway"]["steps"][0]["stages"]["features"]["count"] > 0
+    assert by["gateway-http"]["steps"][0]["fallback_rate"] < 0.5  # the HTTP transport answers
     assert by["fallback"]["steps"][0]["fallback_rate"] > 0.5
     # Each step names its arrival process; bursts keep 20 per burst, the interval follows
     # the rate (20 / 20/s = 1 s, 20 / 40/s = 0.5 s).

@@ -92,6 +92,11 @@ def gateway_int8(shared: Shared, bodies: list[bytes]) -> Target:
     return _gateway_target(shared, bodies, _prod_env(shared), "gateway-int8")
 
 
+def gateway_http(shared: Shared, bodies: list[bytes]) -> Target:
+    env = {**_prod_env(shared), "GATEWAY_TRITON_URL": f"http://{shared.triton.http_url}"}  # type: ignore[union-attr]
+    return _gateway_target(shared, bodies, env, "gateway-http")
+
+
 def gateway_fp32(shared: Shared, bodies: list[bytes]) -> Target:
     return _gateway_target(shared, bodies, _prod_env(shared, "ctr_fp32"), "gateway-fp32")
 
@@ -210,6 +215,10 @@ SCENARIOS = [
     Scenario(
         "gateway", "gateway (Redis + Triton, INT8)", gateway_int8,
         "the product: one MGET, one Triton gRPC request", {"core"},
+    ),
+    Scenario(
+        "gateway-http", "gateway (Redis + Triton over HTTP, INT8)", gateway_http,
+        "GATEWAY_TRITON_URL=http://...: the gateway's own HTTP transport to Triton", {"core"},
     ),
     Scenario(
         "naive", "naive (GET per entity, clients per request)", naive,
