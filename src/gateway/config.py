@@ -138,6 +138,18 @@ class Settings(BaseSettings):
         "Kubernetes, where the preStop sleep does this",
     )
 
+    # -- drift and freshness (drift.py, docs/drift.md) ------------------------------------
+    drift_sample_rate: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="share of model-scored requests whose rows are counted for drift (0 = off)",
+    )
+    # A day: the demo loads once; a daily batch import that misses a run shows up.
+    feature_max_age_s: float = Field(
+        86_400.0, gt=0, description="features written longer ago than this are stale (alert)"
+    )
+
     # -- embedded default ----------------------------------------------------------------
     embedded_users: int = Field(10_000, ge=1)
     embedded_items: int = Field(5_000, ge=1)
