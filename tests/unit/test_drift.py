@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,6 @@ from prometheus_client import CollectorRegistry
 from gateway.config import load_settings
 from gateway.drift import (
     EPSILON,
-    PROFILE_FILE,
     SCORE_COLUMN,
     BinCounter,
     ColumnProfile,
@@ -32,7 +28,6 @@ from gateway.names import FallbackReason, Stage
 from gateway.observe import Fallback, Prediction
 from gateway.schema import SCHEMA
 
-ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = SCHEMA.input_columns
 
 
@@ -191,25 +186,6 @@ def test_profile_file_round_trip_and_errors(profile: Profile, tmp_path: Path) ->
     with pytest.raises(ConfigError, match=r"^drift profile x\.json: not readable: ") as exc:
         Profile.from_json('{"format": 1, "columns": [{"name": "a"}]}', "x.json")
     assert "\n" not in str(exc.value)
-
-
-def test_committed_profile_is_what_model_profile_writes(tmp_path: Path) -> None:
-    """`gateway model profile --version 1` regenerates the committed profile byte for byte
-    from the seeded training rows, and touches no model file."""
-    repo = tmp_path / "repo"
-    shutil.copytree(ROOT / "model_repository", repo)
-    models = {p: p.read_bytes() for p in repo.rglob("*.onnx")}
-    (repo / "ctr" / "1" / PROFILE_FILE).unlink()
-    cmd = [sys.executable, "-m", "gateway", "model", "profile", "--model-repository", str(repo)]
-    proc = subprocess.run([*cmd, "--version", "1"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    committed = (ROOT / "model_repository" / "ctr" / "1" / PROFILE_FILE).read_text()
-    assert (repo / "ctr" / "1" / PROFILE_FILE).read_text() == committed
-    assert {p: p.read_bytes() for p in repo.rglob("*.onnx")} == models
-    # A version that is not there: one line, exit 2.
-    proc = subprocess.run([*cmd, "--version", "7"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("error: no model ctr version 7")
 
 
 def test_meta_value_round_trip() -> None:
