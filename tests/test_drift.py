@@ -214,6 +214,8 @@ def stack(
         "GATEWAY_BUDGET_FEATURES_MS": "200",
         "GATEWAY_BUDGET_INFERENCE_MS": "250",
         "GATEWAY_HEALTH_INTERVAL_S": "1",
+        # Every request counted (the default samples half): the test knows which rows.
+        "GATEWAY_DRIFT_SAMPLE_RATE": "1",
     }
     pods = {
         "steady": GatewayServer(env=base, workers=2, log_path=tmp / "steady.log"),
@@ -264,7 +266,7 @@ def stack(
 
 
 def _drift(pod: GatewayServer, rows: int) -> dict[str, Any]:
-    """GET /drift once every worker has flushed the rows sent (each flushes every second)."""
+    """GET /drift once every worker has flushed the rows sent (each flushes every 2 s)."""
     deadline = time.monotonic() + 10
     while True:
         body: dict[str, Any] = httpx.get(f"{pod.url}/drift").json()

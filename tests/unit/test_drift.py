@@ -196,7 +196,7 @@ def test_meta_value_round_trip() -> None:
 
 
 def test_settings() -> None:
-    assert load_settings().drift_sample_rate == 1.0
+    assert load_settings().drift_sample_rate == 0.5
     with pytest.raises(ConfigError, match="GATEWAY_DRIFT_SAMPLE_RATE"):
         load_settings(drift_sample_rate=1.5)
     with pytest.raises(ConfigError, match="GATEWAY_FEATURE_MAX_AGE_S"):
