@@ -1,13 +1,15 @@
 """``python -m loadtests.drift_cost``: what drift counting costs per request, in process.
 
-The benchmark (``python -m loadtests.bench --scenarios gateway,gateway-drift-off``)
-compares the gateway's CPU per request with counting on and off in one run; on a shared
-two-core machine its step-to-step noise is a few percent, larger than the cost itself.
+The benchmark (``python -m loadtests.bench --scenarios
+gateway,gateway-drift-off,gateway-drift-all``) compares the gateway's CPU per request
+with counting at the default rate, off and on every request, in one run; on a shared
+two-core machine its step-to-step noise (10-30 %) is far larger than the cost itself.
 This measures the cost directly: the observer the pipeline calls for every finished
-prediction (drift.py's ``DriftObserver``), on the matrices the benchmark's requests
-become (50 items, users and items drawn as in training, the committed profile), plus
-the once-a-second flush into prometheus-client's multiprocess files (as with
-``--workers 2`` or more). Writes ``loadtests/results/drift-observer.json``.
+prediction (drift.py's ``DriftObserver``, here counting every request: sample rate 1)
+on the matrices the benchmark's requests become (50 items, users and items drawn as in
+training, the committed profile), and one flush into prometheus-client's multiprocess
+files (as with ``--workers 2`` or more; the gateway flushes every 2 s). Writes
+``loadtests/results/drift-observer.json``.
 """
 
 from __future__ import annotations
