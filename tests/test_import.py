@@ -73,7 +73,7 @@ def test_import_writes_the_vectors_and_switches_generations(
     assert (s1.users, s1.items) == (USERS, ITEMS)
     assert s1.bytes == USERS * SCHEMA.user.nbytes + ITEMS * SCHEMA.item.nbytes
     assert _pointer(r) == (s1.generation, SCHEMA.store_version)
-    assert r.dbsize() == USERS + ITEMS + 2
+    assert r.dbsize() == USERS + ITEMS + 3  # + pointer, generations, meta
     w = make_world(USERS, ITEMS, 7)
     for k in (0, 1234, USERS - 1):
         raw = r.get(codec.user_key(f"u{k}", s1.generation))
@@ -83,7 +83,7 @@ def test_import_writes_the_vectors_and_switches_generations(
 
     # The same data again: the same generation, nothing added (idempotent).
     s2 = import_parquet(users, items, fresh_redis.url, SCHEMA, progress=False)
-    assert s2.generation == s1.generation and r.dbsize() == USERS + ITEMS + 2
+    assert s2.generation == s1.generation and r.dbsize() == USERS + ITEMS + 3
 
     # Other data: a new generation; the previous one is kept (keep=1) ...
     other = tmp_path / "other"
@@ -91,11 +91,11 @@ def test_import_writes_the_vectors_and_switches_generations(
     u3, i3 = write_parquet(other, 1_000, 500, seed=8)
     s3 = import_parquet(u3, i3, fresh_redis.url, SCHEMA, progress=False)
     assert s3.generation != s1.generation and s3.deleted == []
-    assert r.dbsize() == USERS + ITEMS + 1_500 + 2
+    assert r.dbsize() == USERS + ITEMS + 1_500 + 4
     # ... until the next switch, which deletes it; the demo loader shares the scheme.
     s4 = load(fresh_redis.url, users=40, items=25, progress=False)
     assert _pointer(r)[0] == s4.generation
-    assert r.dbsize() == 1_500 + 65 + 2
+    assert r.dbsize() == 1_500 + 65 + 4
     assert r.get(codec.user_key("u0", s1.generation)) is None
     r.close()
 

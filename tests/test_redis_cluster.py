@@ -129,7 +129,7 @@ def test_loader_and_gateway_on_a_cluster(cluster, redis_server, triton, gateway_
     for n in cluster:
         with redis.Redis(port=n.port) as c:
             sizes.append(c.dbsize())
-    assert sum(sizes) == 15_002 and min(sizes) > 4_000, sizes  # + pointer + generations
+    assert sum(sizes) == 15_003 and min(sizes) > 4_000, sizes  # + pointer, generations, meta
     with redis.RedisCluster(host="127.0.0.1", port=cluster[0].port) as c:
         assert c.get(codec.POINTER_KEY) is not None
         assert len(c.get(codec.item_key("i42", GEN)) or b"") == 40

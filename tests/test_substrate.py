@@ -113,9 +113,9 @@ def test_loader_writes_exactly_the_schema_vectors(fresh_redis: RedisServer) -> N
     r = redis.Redis.from_url(fresh_redis.url)
     gen, version = codec.parse_pointer(r.get(codec.POINTER_KEY))
     assert version == SCHEMA.store_version and gen == summary.generation
-    assert r.dbsize() == 40 + 25 + 2  # + the pointer and the generations set
+    assert r.dbsize() == 40 + 25 + 3  # + the pointer, the generations set, the meta key
     load(fresh_redis.url, users=40, items=25, seed=11, progress=False)  # idempotent
-    assert r.dbsize() == 40 + 25 + 2
+    assert r.dbsize() == 40 + 25 + 3
 
     async def fetch() -> None:
         store = RedisFeatureStore(fresh_redis.url)

@@ -97,6 +97,16 @@ def gateway_http(shared: Shared, bodies: list[bytes]) -> Target:
     return _gateway_target(shared, bodies, env, "gateway-http")
 
 
+def gateway_drift_off(shared: Shared, bodies: list[bytes]) -> Target:
+    env = _prod_env(shared) | {"GATEWAY_DRIFT_SAMPLE_RATE": "0"}
+    return _gateway_target(shared, bodies, env, "gateway-drift-off")
+
+
+def gateway_drift_all(shared: Shared, bodies: list[bytes]) -> Target:
+    env = _prod_env(shared) | {"GATEWAY_DRIFT_SAMPLE_RATE": "1"}
+    return _gateway_target(shared, bodies, env, "gateway-drift-all")
+
+
 def gateway_fp32(shared: Shared, bodies: list[bytes]) -> Target:
     return _gateway_target(shared, bodies, _prod_env(shared, "ctr_fp32"), "gateway-fp32")
 
@@ -259,6 +269,14 @@ SCENARIOS = [
     Scenario(
         "gateway-before", "gateway before this change (INT8)", gateway_before,
         "--baseline-ref: src/gateway from that git revision", {"baseline"},
+    ),
+    Scenario(
+        "gateway-drift-off", "gateway INT8, drift counting off", gateway_drift_off,
+        "GATEWAY_DRIFT_SAMPLE_RATE=0 (the gateway scenario: the default, 0.5)", {"drift"},
+    ),
+    Scenario(
+        "gateway-drift-all", "gateway INT8, drift counting every request", gateway_drift_all,
+        "GATEWAY_DRIFT_SAMPLE_RATE=1", {"drift"},
     ),
     Scenario(
         "gateway-cpu", "gateway, Redis + in-process onnxruntime", gateway_cpu,

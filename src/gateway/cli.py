@@ -4,6 +4,7 @@
 
     gateway serve [--host H] [--port P] [--workers N]
     gateway model build [--out DIR] [--seed N] [--impressions N] [--schema FILE] ...
+    gateway model profile [--model-repository DIR] [--model NAME] [--version N]
     gateway triton-local [--model-repository DIR] [--http-port P] [--grpc-port P] [--metrics-port P]
     gateway features load --redis-url URL [--users N] [--items N] [--seed N] [--schema FILE]
     gateway features import --users U.parquet --items I.parquet --redis-url URL [--schema FILE]
@@ -88,6 +89,16 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_profile(args: argparse.Namespace) -> int:
+    from gateway.modelbuild import profile_existing
+    from gateway.paths import default_model_repository
+
+    repo = Path(args.model_repository) if args.model_repository else default_model_repository()
+    path = profile_existing(repo, args.model, args.version)
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_triton_local(args: argparse.Namespace) -> int:
     from gateway.paths import default_model_repository
     from gateway.triton_local.server import Ports, run
@@ -156,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive, default=4)
     p.add_argument("--schema", default=None, help="feature schema file (default: built-in CTR)")
     p.set_defaults(func=_cmd_model_build)
+    p = model.add_parser(
+        "profile", help="write the drift profile of a built version (model files untouched)"
+    )
+    p.add_argument("--model-repository", default=None)
+    p.add_argument("--model", default="ctr")
+    p.add_argument("--version", type=str, default="1")
+    p.set_defaults(func=_cmd_model_profile)
 
     p = sub.add_parser("triton-local", help="run the real Triton server on CPU, in the foreground")
     p.add_argument("--model-repository", default=None)

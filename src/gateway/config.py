@@ -138,6 +138,21 @@ class Settings(BaseSettings):
         "Kubernetes, where the preStop sleep does this",
     )
 
+    # -- drift and freshness (drift.py, docs/drift.md) ------------------------------------
+    # Half the requests: counting one 50-item request costs ~17 µs, 1.2-2.2 % of the
+    # gateway's CPU per request (loadtests/results/drift.md); half keeps it under 2 %
+    # at every rate measured, and an hour of traffic is still thousands of requests.
+    drift_sample_rate: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of model-scored requests whose rows are counted for drift (0 = off)",
+    )
+    # A day: the demo loads once; a daily batch import that misses a run shows up.
+    feature_max_age_s: float = Field(
+        86_400.0, gt=0, description="features written longer ago than this are stale (alert)"
+    )
+
     # -- embedded default ----------------------------------------------------------------
     embedded_users: int = Field(10_000, ge=1)
     embedded_items: int = Field(5_000, ge=1)

@@ -143,6 +143,45 @@ class Metrics:
         self.shed = Counter(
             "gateway_shed_total", "Requests refused by admission control (503).", registry=r
         )
+        # -- drift (drift.py, docs/drift.md): bin counts of the rows the model scored and
+        # the training shares of the same bins; Prometheus computes PSI from the two.
+        # Columns x bins: 25 x at most 10 per model version.
+        self.drift_bin_rows = Counter(
+            "gateway_drift_bin_rows",
+            "Rows the model scored, by input column (or 'score') and reference bin.",
+            ["model", "version", "column", "bin"],
+            registry=r,
+        )
+        self.drift_reference_share = Gauge(
+            "gateway_drift_reference_share",
+            "Share of the training rows in each bin (the model version's drift profile).",
+            ["model", "version", "column", "bin"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.drift_counting_since = Gauge(
+            "gateway_drift_counting_since_timestamp_seconds",
+            "Unix time this model version's drift counts began (earliest live worker).",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        # -- freshness of the served feature set (the Redis source: loader.py records
+        # when a set was written; the Feast source has gateway_feature_age_seconds).
+        self.feature_set_age = Gauge(
+            "gateway_feature_set_age_seconds",
+            "Age of the feature set this gateway serves: now minus when it was written "
+            "(refreshed by the health check; the oldest over live workers).",
+            ["source"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.feature_max_age = Gauge(
+            "gateway_feature_max_age_seconds",
+            "GATEWAY_FEATURE_MAX_AGE_S: features older than this are stale (alert).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         for stage in ("features", "inference", "postprocess"):
             self.stage_duration.labels(stage)
         for outcome in OUTCOMES:

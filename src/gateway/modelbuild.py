@@ -13,6 +13,11 @@ Steps, all from one seed:
 4. Measure AUC and log-loss of every variant and of the fallback rules on the held-out
    split, and onnxruntime CPU latency per batch of 1, 64 and 512 rows; write
    ``build_report.json`` and print a table.
+5. Write the version's drift reference (:func:`write_profile`, drift.py): bins and
+   training shares of every input column and of the served model's scores.
+
+``gateway model profile`` redoes step 5 alone for a version already built, from the same
+seeded training rows (read from ``build_report.json``), without touching a model file.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.drift import build_profile, category_columns, profile_path
 from gateway.errors import ConfigError
 from gateway.fallback import FallbackScorer
 from gateway.schema import SCHEMA, FeatureSchema
@@ -294,6 +300,58 @@ def latency_ms(
     return out
 
 
+# -- drift reference -----------------------------------------------------------------
+
+
+def write_profile(
+    out: Path, model: str, version: str, x_train: np.ndarray, schema: FeatureSchema = SCHEMA
+) -> Path:
+    """Write ``model``/``version``'s drift profile from its training rows and the scores
+    its served file (``model.onnx``, what Triton loads) gives them; return the path."""
+    scores = predict(out / model / version / "model.onnx", x_train, schema.input_name)
+    profile = build_profile(
+        model, version, x_train, scores, schema.input_columns, category_columns(schema)
+    )
+    path = profile_path(out, model, version)
+    path.write_text(profile.to_json())
+    return path
+
+
+def training_rows(cfg: BuildConfig) -> np.ndarray:
+    """The training split's model input, as ``build`` draws it for ``cfg``'s seed and sizes."""
+    world = make_world(cfg.users, cfg.items, cfg.seed)
+    train, _ = split(make_impressions(world, cfg.impressions), cfg.seed)
+    return design_matrix(world, train, cfg.schema)
+
+
+def profile_existing(repo: Path, model: str = MODEL_NAME, version: str = "1") -> Path:
+    """``gateway model profile``: the drift profile of a version already in ``repo``,
+    from the seeded training rows its ``build_report.json`` names. ConfigError if absent."""
+    if not (repo / model / version / "model.onnx").is_file():
+        raise ConfigError(f"no model {model} version {version} in {repo} (no model.onnx)")
+    try:
+        report = json.loads((repo / "build_report.json").read_text())
+        data = report["data"]
+        cfg = BuildConfig(
+            out=repo,
+            seed=int(report["seed"]),
+            users=int(data["users"]),
+            items=int(data["items"]),
+            impressions=int(data["impressions"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{repo / 'build_report.json'}: cannot read the build's data: {exc}"
+        ) from None
+    x_train = training_rows(cfg)
+    if len(x_train) != data.get("train_rows", len(x_train)):
+        raise ConfigError(
+            f"regenerated {len(x_train)} training rows, the build report says "
+            f"{data['train_rows']}: not the data this model was trained on"
+        )
+    return write_profile(repo, model, version, x_train)
+
+
 # -- the command ---------------------------------------------------------------------
 
 
@@ -396,6 +454,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         "(TensorRT) and for larger layers. The embedded (CPU) mode therefore serves the "
         "variant named under deployments.embedded."
     )
+    write_profile(out, MODEL_NAME, "1", x_train, schema)
     report["build_seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)

@@ -1,6 +1,7 @@
 """One place that observes a prediction: the pipeline hands each finished /predict, as a
-:class:`Prediction`, to every subscribed observer (metrics, and later drift counting,
-rollout accounting, shadow comparison) so none of them touches the request path.
+:class:`Prediction`, to every subscribed observer (metrics; drift counting, drift.py,
+which the gateway subscribes at start; later rollout accounting, shadow comparison) so
+none of them touches the request path.
 
 Observers run inline, after the answer is computed and before it is sent: each must be
 cheap (microseconds, no I/O, no await). Anything slow copies what it needs and runs off

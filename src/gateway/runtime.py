@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from gateway.config import Settings
+from gateway.drift import DriftMonitor
 from gateway.errors import ConfigError, GatewayError, InferenceError, Overloaded, SchemaMismatch
 from gateway.features.base import FeatureStore
 from gateway.inference.base import InferenceBackend, signature_mismatch
@@ -154,6 +156,18 @@ def preflight(settings: Settings) -> None:
     asyncio.run(model())
 
 
+def _profile_repository(settings: Settings) -> Path | None:
+    """Where drift profiles are read: the model repository beside the gateway (the image
+    ships it; GATEWAY_MODEL_REPOSITORY), or None when there is none (drift not counted)."""
+    from gateway.errors import ModelRepositoryError
+    from gateway.paths import default_model_repository
+
+    try:
+        return settings.model_repository or default_model_repository()
+    except ModelRepositoryError:
+        return None
+
+
 class ModelMismatch(InferenceError):
     """The served model's signature differs from the schema (runtime.check_signature)."""
 
@@ -206,6 +220,9 @@ class Gateway:
         self._model_label: tuple[str, str] | None = None
         self.schema: FeatureSchema = SCHEMA  # the configured one, from start()
         self._obs_outcome = {o: self.metrics.request_duration.labels(o).observe for o in OUTCOMES}
+        self.drift = DriftMonitor(self.metrics, _profile_repository(settings),
+                                  settings.drift_sample_rate)  # fmt: skip
+        self.metrics.feature_max_age.set(settings.feature_max_age_s)
 
     @property
     def inflight(self) -> int:
@@ -239,6 +256,8 @@ class Gateway:
         self._pipeline = Pipeline(
             store, backend, features_call, inference_call, self.metrics, schema
         )
+        self._pipeline.observers.append(self.drift.observe)
+        self.drift.start()
         self._lag_monitor.start()
         self._started_at = time.monotonic()
         self._health_task = asyncio.get_running_loop().create_task(
@@ -259,6 +278,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
         await self._lag_monitor.stop()
+        await self.drift.stop()
         if self._store is not None:
             await self._store.close()
         if self._backend is not None:
@@ -328,6 +348,7 @@ class Gateway:
         for name, error in health.items():
             self.metrics.dependency_up.labels(name).set(0 if error else 1)
         self._refresh_model_label()
+        self._refresh_feature_age()
         changed = {k: v for k, v in health.items() if self.health.get(k, "") != v}
         for name, error in changed.items():
             if error:
@@ -355,6 +376,14 @@ class Gateway:
                 log.info("serving model %s version %s", *label)
             self.metrics.model_info.labels(*label).set(1)
             self._model_label = label
+        self.drift.on_model(backend.model_name, backend.model_version)
+
+    def _refresh_feature_age(self) -> None:
+        """The served feature set's age, where the store knows when it was written."""
+        written_at = getattr(self._store, "written_at", None)
+        if written_at is not None and self._store is not None:
+            age = max(0.0, time.time() - written_at)
+            self.metrics.feature_set_age.labels(self._store.name).set(age)
 
     async def warm_up(self) -> None:
         """One request's worth of work through both dependencies, before readiness: the

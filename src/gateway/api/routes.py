@@ -1,4 +1,4 @@
-"""The FastAPI routes: liveness, readiness, metrics. /predict is api/predict.py."""
+"""The FastAPI routes: liveness, readiness, metrics, drift. /predict is api/predict.py."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from gateway.api.schemas import DriftResponse
 from gateway.metrics import render
 from gateway.runtime import Gateway
 
@@ -38,3 +39,13 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     data, ctype = render(_gw(request).metrics)
     return Response(data, media_type=ctype)
+
+
+@router.get(
+    "/drift",
+    summary="Drift on this pod: PSI per model input column and of the scores, against "
+    "the served model version's training profile",
+    response_model=DriftResponse,
+)
+async def drift(request: Request) -> Response:
+    return Response(orjson.dumps(_gw(request).drift.report()), media_type="application/json")

@@ -177,3 +177,15 @@ def parse_timeout_header(value: str | None) -> float | None:
             [{"field": "header.X-Request-Timeout-Ms", "message": "must be > 0 and finite"}],
         )
     return ms
+
+
+class DriftResponse(BaseModel):
+    """``GET /drift``: PSI of this pod's counted rows against the served version's profile
+    (docs/drift.md). A PSI is null while no row was counted."""
+
+    model: ModelInfo
+    profile: bool = Field(description="whether the served version has a drift profile")
+    window_s: float = Field(description="seconds since this pod began counting this version")
+    rows: int = Field(description="rows (item scores) counted")
+    features: dict[str, float | None] = Field(description="input column -> PSI")
+    score: float | None = Field(description="PSI of the model's scores")

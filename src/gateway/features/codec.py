@@ -4,6 +4,7 @@
 
     feat:{gen}:u:{user_id}  -> user view,  9 x float32 = 36 bytes (built-in schema)
     feat:{gen}:i:{item_id}  -> item view, 10 x float32 = 40 bytes
+    feat:{gen}:meta         -> JSON {"written_at": unix seconds}, set at each switch
     feat:current            -> "{gen} {store_version}", e.g. "5e0c61a2 1:c78376701f29"
     feat:generations        -> sorted set: every generation written, scored by write time
     feat:lock               -> held (SET NX with a TTL) while a load or import runs
@@ -30,6 +31,8 @@ string per key, a quarter of the bytes, and decodes without a Python loop per fi
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
 import numpy as np
@@ -62,6 +65,27 @@ def user_key(user_id: str, gen: str) -> str:
 
 def item_key(item_id: str, gen: str) -> str:
     return f"{PREFIX}:{gen}:i:{item_id}"
+
+
+def meta_key(gen: str) -> str:
+    """When generation ``gen`` was last written and switched to (freshness); deleted with it."""
+    return f"{PREFIX}:{gen}:meta"
+
+
+def meta_value(written_at: float) -> str:
+    return json.dumps({"written_at": round(written_at, 3)})
+
+
+def parse_meta(raw: bytes | str | None) -> float | None:
+    """``written_at`` from a meta key's value; None if absent or unreadable (an older
+    loader wrote the set)."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)["written_at"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def generation_pattern(gen: str) -> str:

@@ -10,7 +10,8 @@ in codec.py), so a gateway never reads half a set:
    run that dies half-way are found and deleted by the next one);
 3. write the vectors, pipelined in chunks (one MSET per chunk, ``mset_nonatomic`` on a
    cluster, which splits it by slot), idempotently: plain SETs of deterministic values;
-4. switch ``feat:current`` to ``"{gen} {store_version}"`` with one SET;
+4. record when the set was written (``feat:{gen}:meta``), then switch ``feat:current``
+   to ``"{gen} {store_version}"`` with one SET;
 5. delete every generation but the current one and the ``keep`` (default 1) most
    recently current before it: a gateway reads the pointer every health interval (2 s),
    so one kept generation covers gateways that have not seen the switch yet, unless
@@ -160,8 +161,12 @@ class GenerationWriter:
                 f"lost {codec.LOCK_KEY} while writing (another writer took it): "
                 f"generation {self.gen} written but not switched to"
             )
+        now = time.time()
+        # When the set was written, for the gateway's freshness metric and alert; before
+        # the pointer, so a reader that follows the pointer finds it.
+        self.client.set(codec.meta_key(self.gen), codec.meta_value(now))
         self.client.set(codec.POINTER_KEY, codec.pointer_value(self.gen, self.schema.store_version))
-        self.client.zadd(codec.GENERATIONS_KEY, {self.gen: time.time()})
+        self.client.zadd(codec.GENERATIONS_KEY, {self.gen: now})
         self.delete_old()
 
     def delete_old(self) -> None:

@@ -177,6 +177,8 @@ class RedisFeatureStore:
         # Key prefixes of the generation the pointer names (codec.py), set by check(),
         # which the gateway's health check calls every few seconds.
         self.generation: str | None = None
+        # When the served generation was written (its meta key), None if unknown.
+        self.written_at: float | None = None
         self._user_prefix = self._item_prefix = ""
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = -SLOT_MAP_REFRESH_S
@@ -282,6 +284,9 @@ class RedisFeatureStore:
             self._user_prefix, self._item_prefix = codec.user_prefix(gen), codec.item_prefix(gen)
             self.generation = gen
             log.info("feature store: reading generation %s", gen)
+        # Read at every check: loading the same data again rewrites the same generation.
+        with self._guarded():
+            self.written_at = codec.parse_meta(await self._client.get(codec.meta_key(gen)))
 
     async def close(self) -> None:
         if self._refresh is not None:
