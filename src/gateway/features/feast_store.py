@@ -59,6 +59,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from gateway.errors import ConfigError
 from gateway.features import feast_proto as fp
 from gateway.features.base import FeatureBatch
+from gateway.redisconn import NO_TLS, RedisTLS
 from gateway.schema import EntityView, FeatureSchema
 
 log = logging.getLogger("gateway.features")
@@ -442,6 +443,7 @@ class FeastFeatureStore:
         connect_timeout_s: float = 0.05,
         socket_timeout_s: float = 0.1,
         max_connections: int = 64,
+        tls: RedisTLS | None = None,
     ) -> None:
         import redis.asyncio as redis
         from redis.asyncio.retry import Retry
@@ -452,6 +454,8 @@ class FeastFeatureStore:
         self.layout = layout
         url = redis_url or layout.redis_url
         kwargs = client_kwargs(connect_timeout_s, socket_timeout_s, max_connections)
+        (tls or NO_TLS).check(url)  # the URL may come from feature_store.yaml
+        kwargs.update((tls or NO_TLS).redis_kwargs(url))
         pool = redis.BlockingConnectionPool.from_url(
             url,
             timeout=connect_timeout_s,
@@ -528,11 +532,9 @@ class FeastFeatureStore:
         return FeatureBatch(user[0], items, bool(user_missing[0]), int(items_missing.sum()))
 
     async def check(self) -> None:
-        """Redis is reachable (Feast has no version key: the registry was checked at start)."""
-        from gateway.features.redis_store import _mapped
-
-        with _mapped():
-            await self._client.ping()
+        """Redis answers the request path's EVALSHA (reachable, and our ACL user may run
+        it on Feast's keys); Feast has no version key: the registry was checked at start."""
+        await self.read("\x00health-check", ["\x00health-check"])
 
     async def close(self) -> None:
         from gateway.features.redis_store import _mapped
