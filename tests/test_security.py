@@ -15,6 +15,8 @@ the helper that CLI is to connect with.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -389,3 +392,159 @@ def test_no_credential_in_logs_readyz_metrics_or_errors(stack: Stack) -> None:
     assert "Traceback" not in bad_url.stderr
     leaks = [(where, s) for where, text in seen.items() for s in secrets if s in text]
     assert not leaks, f"a password is readable in: {leaks}"
+
+
+# ---- the manifests: Secrets, NetworkPolicies, Triton -------------------------------------
+
+OVERLAYS = ("overlays/dev", "overlays/prod")
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+# The one peer outside the namespace: the Prometheus Operator's pods in "monitoring".
+PROMETHEUS = (
+    {"kubernetes.io/metadata.name": "monitoring"},
+    {"app.kubernetes.io/name": "prometheus"},
+)
+
+
+@dataclass
+class Pods:
+    """A workload's pod template: its labels and its containers' ports (name -> number)."""
+
+    name: str
+    labels: dict[str, str]
+    ports: dict[str, int]
+    spec: dict[str, Any]
+
+
+def pods_of(docs: list[dict]) -> list[Pods]:
+    found = []
+    for d in docs:
+        if d["kind"] in WORKLOADS:
+            tpl = d["spec"]["template"]
+            ports = {
+                p.get("name", str(p["containerPort"])): p["containerPort"]
+                for c in tpl["spec"]["containers"]
+                for p in c.get("ports", [])
+            }
+            found.append(Pods(d["metadata"]["name"], tpl["metadata"].get("labels", {}), ports, tpl))
+    return found
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels is checked here: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, list[dict]]:
+    from tests.test_deploy import render
+
+    return {o: render(o) for o in OVERLAYS}
+
+
+def _kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_select_real_pods_and_ports(
+    overlay: str, manifests: dict[str, list[dict]]
+) -> None:
+    """Every policy's pod selector and every peer selects a real pod template, every port
+    is a port of each selected container, and together they allow exactly the table in
+    base/networkpolicies.yaml."""
+    docs = manifests[overlay]
+    pods = pods_of(docs)
+    policies = _kind(docs, "NetworkPolicy")
+    deny = policies.pop("default-deny-ingress")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    reach: dict[tuple[str, int], set[str]] = {}
+    for name, pol in policies.items():
+        spec = pol["spec"]
+        assert spec["policyTypes"] == ["Ingress"], name
+        targets = [p for p in pods if selects(spec["podSelector"], p.labels)]
+        assert targets, f"NetworkPolicy {name} selects no Deployment/StatefulSet/Job pod"
+        for rule in spec["ingress"]:
+            sources: set[str] = set()
+            for peer in rule.get("from", [{"*": True}]):
+                assert "ipBlock" not in peer, name
+                if "*" in peer:
+                    sources.add("*")
+                elif "namespaceSelector" in peer:
+                    ns, pod = peer["namespaceSelector"], peer.get("podSelector", {})
+                    assert (ns.get("matchLabels"), pod.get("matchLabels")) == PROMETHEUS, peer
+                    sources.add("prometheus")
+                else:
+                    matched = [p.name for p in pods if selects(peer["podSelector"], p.labels)]
+                    assert matched, f"NetworkPolicy {name}: peer {peer} selects no pod"
+                    sources.update(matched)
+            for port in rule["ports"]:
+                assert port.get("protocol", "TCP") == "TCP"
+                for t in targets:
+                    number = t.ports.get(port["port"], port["port"])
+                    assert number in t.ports.values(), f"{name}: {t.name} has no port {port}"
+                    reach.setdefault((t.name, number), set()).update(sources)
+    expected = {
+        ("gateway", 8080): {"*"},
+        ("triton", 8000): {"gateway"},  # Triton HTTP: the HTTP transport (and nothing else)
+        ("triton", 8001): {"gateway"},  # Triton gRPC
+        ("triton", 8002): {"prometheus"},  # Triton metrics
+    }
+    if overlay.endswith("dev"):
+        expected[("redis", 6379)] = {"gateway", "features-load"}
+    assert reach == expected
+
+
+def _secret_url(secrets: dict[str, dict], name: str) -> str:
+    return base64.b64decode(secrets[name]["data"]["redis-url"]).decode().strip()
+
+
+def _env_secret(container: dict[str, Any], var: str) -> str:
+    (ref,) = [e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if e["name"] == var]
+    assert ref["key"] == "redis-url"
+    return str(ref["name"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_credentials_come_from_secrets_and_triton_is_closed(
+    overlay: str, manifests: dict[str, list[dict]]
+) -> None:
+    docs = manifests[overlay]
+    for cm in _kind(docs, "ConfigMap").values():
+        for key, value in cm.get("data", {}).items():
+            assert "REDIS_URL" not in key and "PASSWORD" not in key.upper(), (cm, key)
+            assert not any(p in value for p in PASSWORDS.values()), (cm["metadata"], key)
+    pods = {p.name: p for p in pods_of(docs)}
+    for p in pods.values():
+        for c in p.spec["spec"]["containers"]:
+            command = " ".join(c.get("command", []) + c.get("args", []))
+            assert "redis://" not in command and "--redis-url" not in command, command
+            assert all("hostPort" not in port for port in c.get("ports", []))
+    gw_secret = _env_secret(pods["gateway"].spec["spec"]["containers"][0], "GATEWAY_REDIS_URL")
+    secrets = _kind(docs, "Secret")
+    if overlay.endswith("prod"):
+        assert not secrets, "prod creates no Secret: it references the operator's"
+        assert gw_secret == "gateway-redis"
+    else:
+        acl = ACL_FILE.read_text()
+        load_secret = _env_secret(
+            pods["features-load"].spec["spec"]["containers"][0], "GATEWAY_REDIS_URL"
+        )
+        rollout_secret = next(n for n in secrets if n.startswith("rollout-redis"))
+        named = ((gw_secret, "gateway"), (load_secret, "loader"), (rollout_secret, "rollout"))
+        for secret, user in named:
+            url = urlsplit(_secret_url(secrets, secret))
+            assert (url.username, url.password) == (user, PASSWORDS[user]), secret
+            digest = hashlib.sha256(PASSWORDS[user].encode()).hexdigest()
+            assert f"user {user} on #{digest} " in acl, f"{user}'s password is not the ACL's"
+        users = next(s for n, s in secrets.items() if n.startswith("redis-users"))
+        assert base64.b64decode(users["data"]["users.acl"]).decode() == acl
+        redis_pod = pods["redis"].spec["spec"]
+        assert "--aclfile" in redis_pod["containers"][0]["args"]
+        assert redis_pod["volumes"][0]["secret"]["secretName"] == users["metadata"]["name"]
+
+    # Triton: model control off, stated; its ports in-cluster only.
+    args = pods["triton"].spec["spec"]["containers"][0]["args"]
+    assert "--model-control-mode=none" in args
+    for svc in _kind(docs, "Service").values():
+        assert svc["spec"].get("type", "ClusterIP") in ("ClusterIP", "ExternalName"), svc
+    assert not _kind(docs, "Ingress")
