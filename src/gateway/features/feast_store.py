@@ -95,8 +95,10 @@ end
 return out
 """
 
-# A key that no entity serializes to (it is shorter than any version-3 key): stands for
-# an id that cannot be an INT64/INT32 entity value.
+# The head of a key that no entity serializes to (version-3 keys start with b"\x01"):
+# stands for an id that cannot be an INT64/INT32 entity value. The project follows it
+# like any key's, so an ACL user limited to the project's keys (``%R~*project``,
+# docs/security.md) may still read it.
 _NO_KEY = b"\x00"
 
 
@@ -172,7 +174,7 @@ class _Plan:
             try:
                 value = struct.pack("<q" if self.id_type == fp.INT64 else "<i", int(entity_id))
             except (ValueError, struct.error):
-                return _NO_KEY
+                return _NO_KEY + self.project
         return b"".join((self.key_head, struct.pack("<I", len(value)), value, self.project))
 
 
