@@ -56,12 +56,20 @@ class RedisTLS:
     def check(self, url: str | None) -> None:
         """ConfigError (one line) when the files do not fit the URL or each other."""
         if self.key_file and not self.cert_file:
-            raise ConfigError("a Redis TLS client key needs its certificate (TLS cert file)")
-        for name, path in (("CA", self.ca_file), ("cert", self.cert_file), ("key", self.key_file)):
+            raise ConfigError(
+                "a Redis TLS client key needs its certificate "
+                "(GATEWAY_REDIS_TLS_CERT_FILE, --tls-cert-file)"
+            )
+        for name, path in (("CA", self.ca_file), ("CERT", self.cert_file), ("KEY", self.key_file)):
             if path is not None and not Path(path).is_file():
-                raise ConfigError(f"Redis TLS {name} file {path} does not exist")
+                raise ConfigError(
+                    f"Redis TLS {name.lower()} file {path} does not exist "
+                    f"(GATEWAY_REDIS_TLS_{name}_FILE, --tls-{name.lower()}-file)"
+                )
         if self.given and url is not None and not is_tls(url):
-            raise ConfigError(f"Redis TLS files are set but the URL {redact(url)} is not rediss://")
+            raise ConfigError(
+                f"Redis TLS files are set but the Redis URL {redact(url)} is not rediss://"
+            )
 
     def redis_kwargs(self, url: str) -> dict[str, Any]:
         """redis-py's ``ssl_*`` keyword arguments for ``url`` (none for a plain URL)."""
