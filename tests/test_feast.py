@@ -167,8 +167,10 @@ def test_feast_reader_needs_only_its_documented_acl_rules(
 
     _, repo, url = feast_repo
     admin = redis.Redis.from_url(url)
-    rules = {"commands": ["+evalsha", "+script|load"], "passwords": ["+pw"], "enabled": True}
-    admin.acl_setuser("feast-reader", keys=["%R~*gateway_demo"], **rules)
+    # ~ not %R~: EVALSHA declares its keys read-write; no write command is granted.
+    commands = ["+evalsha", "+script|load", "+hmget"]
+    rules = {"commands": commands, "passwords": ["+pw"], "enabled": True}
+    admin.acl_setuser("feast-reader", keys=["~*gateway_demo"], **rules)
     admin.acl_setuser("feast-no-keys", **rules)
     admin.script_flush()  # the reader must be allowed to load its script again
     schema = load_schema(SCHEMA_FILE)

@@ -205,5 +205,8 @@ def sync_client(
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL {shown}: {scrub(str(exc), url)}") from exc
     except (RedisError, RedisClusterException, OSError) as exc:
-        raise ConfigError(f"cannot use Redis at {shown}: {describe(exc, url)}") from exc
+        why = refusal(exc)
+        if why is not None:  # a configuration error, not an outage
+            raise ConfigError(f"Redis at {shown} refused us: {scrub(why, url)}") from exc
+        raise ConfigError(f"cannot reach Redis at {shown}: {describe(exc, url)}") from exc
     return client
