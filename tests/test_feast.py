@@ -155,3 +155,40 @@ def test_a_schema_that_does_not_resolve_in_the_registry_is_one_line(
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: ") and "has no feature 'ctr'" in lines[0]
+
+
+def test_feast_reader_needs_only_its_documented_acl_rules(
+    feast_repo: tuple[Path, Path, str],
+) -> None:
+    """The Feast source's Redis permissions in docs/security.md suffice (an ACL user with
+    only them reads features), and without the key pattern the health check reports a
+    NOPERM refusal."""
+    import redis
+
+    from gateway.errors import FeatureStoreRefused
+
+    _, repo, url = feast_repo
+    admin = redis.Redis.from_url(url)
+    rules = {"commands": ["+hmget"], "passwords": ["+pw"], "enabled": True}
+    admin.acl_setuser("feast-reader", keys=["%R~*gateway_demo"], **rules)
+    admin.acl_setuser("feast-no-keys", **rules)
+    schema = load_schema(SCHEMA_FILE)
+
+    async def main() -> None:
+        ok, denied = (
+            FeastFeatureStore.from_repo(repo, schema, redis_url=url.replace("//", f"//{u}:pw@"))
+            for u in ("feast-reader", "feast-no-keys")
+        )
+        try:
+            await ok.check()
+            batch = await ok.fetch("u10", ["i1", "ghost"])
+            assert not batch.user_missing and batch.items_missing == 1
+            with pytest.raises(FeatureStoreRefused, match="NOPERM"):
+                await denied.check()
+        finally:
+            await ok.close()
+            await denied.close()
+
+    asyncio.run(main())
+    assert not [e for e in admin.acl_log() if e["username"] == "feast-reader"]
+    admin.close()

@@ -32,7 +32,7 @@ import uvloop
 
 from gateway.errors import (
     FeatureStoreError,
-    FeatureStoreUnavailable,
+    FeatureStoreRefused,
     InferenceError,
     InferenceTimeout,
     InferenceUnavailable,
@@ -464,7 +464,8 @@ def test_fast_mget_over_tls_verifies_the_server(
             assert not batch.user_missing and batch.items_missing == 1
             await store.check()
             # Without our CA the server's certificate is not trusted: no features.
-            with pytest.raises(FeatureStoreUnavailable, match="certificate verify failed"):
+            # A configuration error, not an outage (redisconn.refusal): one clear line.
+            with pytest.raises(FeatureStoreRefused, match="certificate is not trusted"):
                 await untrusted.fetch("u1", ["i1"])
         finally:
             await store.close()

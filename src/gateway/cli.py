@@ -6,8 +6,13 @@
     gateway model build [--out DIR] [--seed N] [--impressions N] [--schema FILE] ...
     gateway model profile [--model-repository DIR] [--model NAME] [--version N]
     gateway triton-local [--model-repository DIR] [--http-port P] [--grpc-port P] [--metrics-port P]
-    gateway features load --redis-url URL [--users N] [--items N] [--seed N] [--schema FILE]
-    gateway features import --users U.parquet --items I.parquet --redis-url URL [--schema FILE]
+    gateway features load [--redis-url URL] [--users N] [--items N] [--seed N] [--schema FILE]
+    gateway features import --users U.parquet --items I.parquet [--redis-url URL] [--schema FILE]
+
+Redis commands take the URL from ``--redis-url`` or, better (a password in a command
+line is visible to every user of the machine), from ``GATEWAY_REDIS_URL``, and TLS files
+from ``--tls-ca-file``/``--tls-cert-file``/``--tls-key-file`` or the gateway's
+``GATEWAY_REDIS_TLS_*`` variables (:func:`add_redis_arguments`, :func:`redis_target`).
 
 Every expected failure (a bad flag value, a missing file, an unreachable server, a
 taken port) prints one ``error: ...`` line and exits 2, without a traceback.
@@ -16,6 +21,7 @@ taken port) prints one ``error: ...`` line and exits 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +30,37 @@ from typing import TYPE_CHECKING
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
+    from gateway.redisconn import RedisTLS
     from gateway.schema import FeatureSchema
+
+
+def add_redis_arguments(p: argparse.ArgumentParser) -> None:
+    """``--redis-url`` and the TLS files, defaulting to the gateway's ``GATEWAY_*`` variables."""
+    env = os.environ.get
+    p.add_argument(
+        "--redis-url",
+        default=env("GATEWAY_REDIS_URL") or None,
+        required=not env("GATEWAY_REDIS_URL"),
+        help="redis:// or rediss:// URL (default: $GATEWAY_REDIS_URL, which keeps a "
+        "password out of the process list)",
+    )
+    for name, var in (("ca", "CA"), ("cert", "CERT"), ("key", "KEY")):
+        p.add_argument(
+            f"--tls-{name}-file",
+            default=env(f"GATEWAY_REDIS_TLS_{var}_FILE") or None,
+            help=f"rediss:// only: TLS {name} file (default: $GATEWAY_REDIS_TLS_{var}_FILE)",
+        )
+
+
+def redis_target(args: argparse.Namespace) -> tuple[str, RedisTLS]:
+    """The URL and TLS files :func:`add_redis_arguments` parsed (checked when connecting)."""
+    from gateway.redisconn import RedisTLS
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    tls = RedisTLS(path(args.tls_ca_file), path(args.tls_cert_file), path(args.tls_key_file))
+    return args.redis_url, tls
 
 
 def _positive(text: str) -> int:
@@ -115,8 +151,10 @@ def _cmd_triton_local(args: argparse.Namespace) -> int:
 def _cmd_features_load(args: argparse.Namespace) -> int:
     from gateway.features.loader import load
 
+    redis_url, tls = redis_target(args)
     load(
-        redis_url=args.redis_url,
+        redis_url=redis_url,
+        tls=tls,
         users=args.users,
         items=args.items,
         seed=args.seed,
@@ -132,10 +170,12 @@ def _cmd_features_load(args: argparse.Namespace) -> int:
 def _cmd_features_import(args: argparse.Namespace) -> int:
     from gateway.features.importer import import_parquet
 
+    redis_url, tls = redis_target(args)
     import_parquet(
         users=Path(args.users),
         items=Path(args.items),
-        redis_url=args.redis_url,
+        redis_url=redis_url,
+        tls=tls,
         schema=_schema(args),
         batch=args.batch,
         progress=not args.no_progress,
@@ -188,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="features_command", required=True
     )
     p = features.add_parser("load", help="write generated user and item features into Redis")
-    p.add_argument("--redis-url", required=True)
+    add_redis_arguments(p)
     p.add_argument("--users", type=_positive, default=10_000)
     p.add_argument("--items", type=_positive, default=5_000)
     p.add_argument("--seed", type=int, default=7)
@@ -204,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--users", required=True, help="Parquet file: user_id + the user features")
     p.add_argument("--items", required=True, help="Parquet file: item_id + the item features")
-    p.add_argument("--redis-url", required=True)
+    add_redis_arguments(p)
     p.add_argument("--schema", default=None, help="feature schema file (default: built-in CTR)")
     # 65,536 rows of a few dozen float32 columns are a few MB per batch: memory stays flat
     # whatever the file's size, and each batch is enough work to amortise its overhead.

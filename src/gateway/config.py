@@ -27,7 +27,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", frozen=True)
 
     # -- backends ----------------------------------------------------------------------
-    redis_url: str | None = Field(None, description="redis:// URL; unset = in-memory store")
+    redis_url: str | None = Field(
+        None,
+        description="redis:// or rediss:// (TLS) URL, credentials included "
+        "(redis://user:password@host:6379/0): from a Kubernetes Secret, never a ConfigMap; "
+        "unset = in-memory store",
+    )
+    # TLS for a rediss:// URL (redisconn.py): the server's certificate is always verified.
+    redis_tls_ca_file: Path | None = Field(
+        None, description="CA bundle that signed Redis's certificate; unset = system CAs"
+    )
+    redis_tls_cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    redis_tls_key_file: Path | None = Field(None, description="the client certificate's key")
     redis_cluster: bool = Field(False, description="treat redis_url as a Redis Cluster node")
     triton_url: str | None = Field(
         None,
@@ -167,7 +178,9 @@ class Settings(BaseSettings):
             return None
         scheme = urlparse(v).scheme
         if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {v!r}")
+            from gateway.redisconn import redact
+
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {redact(v)!r}")
         return v
 
     @field_validator("triton_url")
@@ -210,6 +223,16 @@ class Settings(BaseSettings):
     def _feast(self) -> Settings:
         if self.feature_source == "feast" and self.feast_repo is None:
             raise ValueError("GATEWAY_FEATURE_SOURCE=feast needs GATEWAY_FEAST_REPO")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> Settings:
+        from gateway.redisconn import RedisTLS
+
+        try:
+            RedisTLS.from_settings(self).check(self.redis_url)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @property

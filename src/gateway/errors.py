@@ -17,6 +17,7 @@
     │   ├── FeatureStoreError       Redis failed or returned something unusable
     │   │   ├── FeatureStoreTimeout
     │   │   ├── FeatureStoreUnavailable   connection refused/reset (transient)
+    │   │   ├── FeatureStoreRefused  credentials, an ACL permission or TLS trust refused
     │   │   └── SchemaMismatch      the store holds another feature schema version
     │   ├── InferenceError          Triton or onnxruntime failed
     │   │   ├── InferenceTimeout
@@ -123,6 +124,11 @@ class FeatureStoreUnavailable(FeatureStoreError):
     """Connection refused or reset: worth one retry if the budget allows."""
 
     transient = True
+
+
+class FeatureStoreRefused(FeatureStoreError):
+    """Redis refused us: WRONGPASS/NOAUTH, NOPERM (our ACL user lacks a permission) or a
+    TLS certificate we do not trust. A configuration error: never retried."""
 
 
 class SchemaMismatch(FeatureStoreError):

@@ -23,6 +23,7 @@ from gateway.pipeline import Pipeline, build_guarded_calls
 from gateway.policy.admission import AdaptiveLimit, LagMonitor
 from gateway.policy.breaker import BreakerState
 from gateway.policy.budget import BudgetPolicy
+from gateway.redisconn import RedisTLS
 from gateway.schema import SCHEMA, FeatureSchema, load_schema
 
 log = logging.getLogger("gateway")
@@ -52,6 +53,7 @@ def build_store(settings: Settings, schema: FeatureSchema = SCHEMA) -> FeatureSt
             connect_timeout_s=settings.redis_connect_timeout_ms / 1e3,
             socket_timeout_s=settings.redis_socket_timeout_ms / 1e3,
             max_connections=settings.redis_max_connections,
+            tls=RedisTLS.from_settings(settings),
         )
     if settings.redis_url:
         from gateway.features.redis_store import RedisFeatureStore
@@ -63,6 +65,7 @@ def build_store(settings: Settings, schema: FeatureSchema = SCHEMA) -> FeatureSt
             max_connections=settings.redis_max_connections,
             cluster=settings.redis_cluster,
             schema=schema,
+            tls=RedisTLS.from_settings(settings),
         )
     from gateway.features.memory import InMemoryFeatureStore
     from gateway.synth import make_world

@@ -57,6 +57,7 @@ from gateway.errors import ConfigError
 from gateway.features import feast_proto as fp
 from gateway.features.base import FeatureBatch
 from gateway.features.resp import RespPool
+from gateway.redisconn import NO_TLS, RedisTLS
 from gateway.schema import EntityView, FeatureSchema
 
 log = logging.getLogger("gateway.features")
@@ -92,8 +93,10 @@ def _hmget_parts(fields: tuple[bytes, ...]) -> tuple[bytes, bytes]:
     return head, b"".join(_bulk(f) for f in fields)
 
 
-# A key that no entity serializes to (it is shorter than any version-3 key): stands for
-# an id that cannot be an INT64/INT32 entity value.
+# The head of a key that no entity serializes to (version-3 keys start with b"\x01"):
+# stands for an id that cannot be an INT64/INT32 entity value. The project follows it
+# like any key's, so an ACL user limited to the project's keys (``%R~*project``,
+# docs/security.md) may still read it.
 _NO_KEY = b"\x00"
 
 
@@ -219,7 +222,7 @@ class _Plan:
             try:
                 value = struct.pack("<q" if self.id_type == fp.INT64 else "<i", int(entity_id))
             except (ValueError, struct.error):
-                return _NO_KEY
+                return _NO_KEY + self.project
         return b"".join((self.key_head, struct.pack("<I", len(value)), value, self.project))
 
 
@@ -545,19 +548,16 @@ class FeastFeatureStore:
         connect_timeout_s: float = 0.05,
         socket_timeout_s: float = 0.1,
         max_connections: int = 64,
+        tls: RedisTLS | None = None,
     ) -> None:
-        import redis.asyncio as redis
-
-        from gateway.features.redis_store import client_kwargs
-
         self.layout = layout
         url = redis_url or layout.redis_url
-        # redis-py for the health check only; the request path's pipeline goes over the
-        # raw RESP pool (resp.py), which also does AUTH, SELECT and TLS from the URL.
-        kwargs = client_kwargs(connect_timeout_s, socket_timeout_s, 2)
-        kwargs.pop("retry_on_timeout")
-        self._client = redis.Redis.from_url(url, **kwargs)
-        self._fast = RespPool(url, connect_timeout_s, socket_timeout_s, max_connections)
+        # The URL may come from feature_store.yaml: the TLS settings are checked against it.
+        (tls or NO_TLS).check(url)
+        # The raw RESP pool (resp.py) does AUTH, SELECT and TLS from the URL and settings.
+        self._fast = RespPool(
+            url, connect_timeout_s, socket_timeout_s, max_connections, tls or NO_TLS
+        )
         self._requests = 0
         u, i = layout.user, layout.item
         self._user_cmd = _hmget_parts(u.hash_fields)
@@ -572,10 +572,6 @@ class FeastFeatureStore:
         cls, repo: Path, schema: FeatureSchema, redis_url: str | None = None, **kwargs: Any
     ) -> FeastFeatureStore:
         return cls(FeastLayout.from_repo(repo, schema), redis_url, **kwargs)
-
-    @property
-    def client(self) -> Any:
-        return self._client
 
     async def read(self, user_id: str, item_ids: list[str]) -> list[bytes]:
         """The raw flat reply: the user's fields, then each item's (one round trip), with
@@ -627,18 +623,16 @@ class FeastFeatureStore:
         return FeatureBatch(user[0], items, bool(user_missing[0]), int(items_missing.sum()))
 
     async def check(self) -> None:
-        """Redis is reachable (Feast has no version key: the registry was checked at start)."""
-        from gateway.features.redis_store import _mapped
-
-        with _mapped():
-            await self._client.ping()
+        """Redis answers the request path's pipelined HMGETs (reachable, and our ACL user
+        may read Feast's keys); Feast has no version key: the registry was checked at
+        start."""
+        await self.read("\x00health-check", ["\x00health-check"])
 
     async def close(self) -> None:
         from gateway.features.redis_store import _mapped
 
         with _mapped():
             await self._fast.close()
-            await self._client.aclose(close_connection_pool=True)
 
 
 def age_observer(registry: Any) -> Callable[[str, float], None]:

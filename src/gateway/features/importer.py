@@ -37,6 +37,7 @@ from tqdm import tqdm
 from gateway.errors import ConfigError
 from gateway.features import codec
 from gateway.features.loader import GenerationWriter, connect, delete_generation, generation
+from gateway.redisconn import NO_TLS, RedisTLS, describe, redact
 from gateway.schema import EntityView, FeatureSchema
 
 # The API's limit on an id (api/schemas.py): a longer one could never be requested.
@@ -229,6 +230,7 @@ def import_parquet(
     progress: bool = True,
     cluster: bool = False,
     keep: int = 1,
+    tls: RedisTLS = NO_TLS,
 ) -> ImportSummary:
     """Check both files, then write them as a new generation and switch to it."""
     t0 = time.perf_counter()
@@ -242,7 +244,7 @@ def import_parquet(
             checked.append((c, columns, view))
     gen = generation(schema, *(c.digest() for c, _, _ in checked))
 
-    client = connect(redis_url, cluster)
+    client = connect(redis_url, cluster, tls)
     writer = GenerationWriter(client, schema, gen, cluster=cluster, keep=keep)
     switched = False
     try:
@@ -264,7 +266,7 @@ def import_parquet(
         if not switched:
             _forget(client, gen)
         raise ConfigError(
-            f"writing to Redis at {redis_url} failed ({exc}); "
+            f"writing to Redis at {redact(redis_url)} failed ({describe(exc, redis_url)}); "
             + (
                 "the pointer was not switched: readers keep the previous set"
                 if not switched

@@ -32,14 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 from tqdm import tqdm
 
 from gateway.errors import ConfigError
 from gateway.features import codec
+from gateway.redisconn import NO_TLS, RedisTLS, describe, redact, sync_client
 from gateway.schema import SCHEMA, FeatureSchema
 from gateway.synth import World, item_id, make_world, user_id
 
@@ -63,22 +61,10 @@ def demo_generation(users: int, items: int, seed: int, schema: FeatureSchema = S
     return generation(schema, f"synth:{users}:{items}:{seed}")
 
 
-def connect(redis_url: str, cluster: bool = False) -> Any:
-    """A synchronous client for the offline writers; ConfigError on a bad URL or server."""
-    kwargs: dict[str, Any] = dict(
-        socket_connect_timeout=2.0, socket_timeout=10.0, retry=Retry(NoBackoff(), 0)
-    )
-    try:
-        if cluster:
-            client: Any = redis.RedisCluster.from_url(redis_url, **kwargs)
-        else:
-            client = redis.Redis.from_url(redis_url, **kwargs)
-        client.ping()
-    except ValueError as exc:
-        raise ConfigError(f"bad --redis-url {redis_url!r}: {exc}") from exc
-    except RedisError as exc:
-        raise ConfigError(f"cannot reach Redis at {redis_url}: {exc}") from exc
-    return client
+def connect(redis_url: str, cluster: bool = False, tls: RedisTLS = NO_TLS) -> Any:
+    """A synchronous client for the offline writers; ConfigError (one line, no password)
+    on a bad URL, an unreachable server, refused credentials or an untrusted certificate."""
+    return sync_client(redis_url, tls, cluster=cluster)
 
 
 def current_generation(client: Any) -> tuple[str, str] | None:
@@ -251,6 +237,7 @@ def load(
     cluster: bool = False,
     schema: FeatureSchema = SCHEMA,
     keep: int = 1,
+    tls: RedisTLS = NO_TLS,
 ) -> LoadSummary:
     """Generate the world for ``seed`` and write it as a new generation, then switch to it.
 
@@ -264,7 +251,7 @@ def load(
             f"{schema.user.width} and {schema.item.width}: use `gateway features import`"
         )
     t0 = time.perf_counter()
-    client = connect(redis_url, cluster)
+    client = connect(redis_url, cluster, tls)
     world = make_world(users, items, seed)
     gen = demo_generation(users, items, seed, schema)
     writer = GenerationWriter(client, schema, gen, cluster=cluster, keep=keep)
@@ -273,7 +260,9 @@ def load(
             write_world(writer, world, chunk, progress)
             writer.switch()
     except RedisError as exc:
-        raise ConfigError(f"writing to Redis at {redis_url} failed: {exc}") from exc
+        raise ConfigError(
+            f"writing to Redis at {redact(redis_url)} failed: {describe(exc, redis_url)}"
+        ) from exc
     finally:
         client.close()
     summary = LoadSummary(

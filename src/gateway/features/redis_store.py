@@ -40,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import (
     FeatureStoreError,
+    FeatureStoreRefused,
     FeatureStoreTimeout,
     FeatureStoreUnavailable,
     SchemaMismatch,
@@ -47,6 +48,7 @@ from gateway.errors import (
 from gateway.features import codec
 from gateway.features.base import FeatureBatch
 from gateway.features.resp import RespPool
+from gateway.redisconn import NO_TLS, RedisTLS, refusal
 from gateway.schema import SCHEMA, FeatureSchema
 
 log = logging.getLogger("gateway.features")
@@ -58,6 +60,9 @@ log = logging.getLogger("gateway.features")
 # round trip, off the request path; 1 s bounds both its rate and how long a slot
 # assigned again stays unserved here.
 SLOT_MAP_REFRESH_S = 1.0
+# The id the health check reads (absent or not, the reply does not matter: only whether
+# the command is allowed and answered).
+PROBE_ID = "\x00health-check"
 
 
 @contextmanager
@@ -86,36 +91,45 @@ def _mapped(cluster: bool = False) -> Iterator[None]:
         yield
     except FeatureStoreError:
         raise
-    except KeyError as exc:
+    except Exception as exc:
+        raise _convert(exc, cluster) from exc
+
+
+def _convert(exc: Exception, cluster: bool) -> FeatureStoreError:
+    """The FeatureStoreError for one exception of either client (``_mapped``)."""
+    if isinstance(exc, KeyError):
         if not cluster:
-            raise _unexpected(exc) from exc
-        raise FeatureStoreError(f"redis cluster: no node serves slot {exc}") from exc
-    except (RedisTimeoutError, TimeoutError) as exc:
-        raise FeatureStoreTimeout(f"redis timed out: {exc}") from exc
-    except (AuthenticationError, AuthorizationError) as exc:
-        # Subclasses of redis-py's ConnectionError, but not an outage: a retry cannot
-        # help, and "unreachable" would send an operator looking at the network.
-        raise FeatureStoreError(f"redis refused our credentials (WRONGPASS/NOAUTH): {exc}") from exc
-    except (RedisConnectionError, ConnectionError, OSError) as exc:
-        raise FeatureStoreUnavailable(f"redis unreachable: {exc}") from exc
-    except (RedisError, RedisClusterException, ChildDeadlockedError) as exc:
-        raise FeatureStoreError(f"redis error: {type(exc).__name__}: {exc}") from exc
-    except hiredis.ReplyError as exc:
-        # An error reply on the fast path (resp.py): NOPERM, LOADING, WRONGPASS, ...
-        raise FeatureStoreError(f"redis error: {exc}") from exc
-    except hiredis.HiredisError as exc:
-        raise FeatureStoreError(f"redis protocol error: {type(exc).__name__}: {exc}") from exc
-    except RuntimeError as exc:
+            return _unexpected(exc)
+        return FeatureStoreError(f"redis cluster: no node serves slot {exc}")
+    if isinstance(exc, (RedisTimeoutError, TimeoutError)):
+        return FeatureStoreTimeout(f"redis timed out: {exc}")
+    # Refused: WRONGPASS/NOAUTH (redis-py's AuthenticationError, a ConnectionError
+    # subclass, or an error reply to the fast path's AUTH), NOPERM (an ACL user without
+    # a permission: redis-py's NoPermissionError or a reply on the fast path), or a TLS
+    # certificate we do not trust (an OSError). Not an outage: a retry cannot help, and
+    # "unreachable" would send an operator looking at the network.
+    why = refusal(exc)
+    if why is not None:
+        return FeatureStoreRefused(why)
+    if isinstance(exc, (AuthenticationError, AuthorizationError)):
+        return FeatureStoreRefused(f"redis refused our credentials (WRONGPASS/NOAUTH): {exc}")
+    if isinstance(exc, (RedisConnectionError, ConnectionError, OSError)):
+        return FeatureStoreUnavailable(f"redis unreachable: {exc}")
+    if isinstance(exc, (RedisError, RedisClusterException, ChildDeadlockedError)):
+        return FeatureStoreError(f"redis error: {type(exc).__name__}: {exc}")
+    if isinstance(exc, hiredis.ReplyError):
+        # An error reply on the fast path (resp.py): LOADING, ...
+        return FeatureStoreError(f"redis error: {exc}")
+    if isinstance(exc, hiredis.HiredisError):
+        return FeatureStoreError(f"redis protocol error: {type(exc).__name__}: {exc}")
+    if isinstance(exc, RuntimeError) and "closed" in str(exc):
         # uvloop raises RuntimeError("unable to perform operation on <TCPTransport
         # closed=True ...>; the handler is closed") when redis-py writes to a connection
         # the peer has reset; redis-py passes it through (after closing the connection).
         # It is a dead connection, not a bug of ours: found by the connection-reset
         # fault test, where it surfaced as a 500.
-        if "closed" in str(exc):
-            raise FeatureStoreUnavailable(f"redis connection closed: {exc}") from exc
-        raise _unexpected(exc) from exc
-    except Exception as exc:
-        raise _unexpected(exc) from exc
+        return FeatureStoreUnavailable(f"redis connection closed: {exc}")
+    return _unexpected(exc)
 
 
 _warned: set[type[BaseException]] = set()
@@ -171,6 +185,7 @@ class RedisFeatureStore:
         max_connections: int = 64,
         cluster: bool = False,
         schema: FeatureSchema = SCHEMA,
+        tls: RedisTLS = NO_TLS,
     ) -> None:
         self._schema = schema
         self._cluster = cluster
@@ -184,6 +199,7 @@ class RedisFeatureStore:
         self._refreshed_at = -SLOT_MAP_REFRESH_S
         self._fast: RespPool | None = None
         kwargs = client_kwargs(connect_timeout_s, socket_timeout_s, max_connections)
+        kwargs.update(tls.redis_kwargs(url))
         if cluster:
             from redis.asyncio.cluster import RedisCluster
 
@@ -204,7 +220,7 @@ class RedisFeatureStore:
             )
             self._client = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
             # The request path's MGET: same URL, timeouts and connection limit.
-            self._fast = RespPool(url, connect_timeout_s, socket_timeout_s, max_connections)
+            self._fast = RespPool(url, connect_timeout_s, socket_timeout_s, max_connections, tls)
 
     @property
     def client(self) -> Any:
@@ -287,6 +303,15 @@ class RedisFeatureStore:
         # Read at every check: loading the same data again rewrites the same generation.
         with self._guarded():
             self.written_at = codec.parse_meta(await self._client.get(codec.meta_key(gen)))
+        # The request path's own command on its own connections: an ACL user that may
+        # GET the pointer but not MGET the vectors (NOPERM), or a fast-path TLS or AUTH
+        # problem, shows here (in /readyz and one log line) instead of only as fallbacks.
+        probe = [self._user_prefix + PROBE_ID, self._item_prefix + PROBE_ID]
+        with self._guarded():
+            if self._fast is not None:
+                await self._fast.mget(probe)
+            else:
+                await self._client.mget_nonatomic(probe)
 
     async def close(self) -> None:
         if self._refresh is not None:

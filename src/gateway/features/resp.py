@@ -14,9 +14,9 @@ What the pool promises:
   parse_url``: ``redis://``, ``rediss://``, ``unix://``, ``username:password@``, the db
   number, query arguments such as ``ssl_ca_certs``): a new connection sends ``AUTH`` and
   ``SELECT`` (pipelined: one round trip) when the URL names them, and TLS goes through
-  :func:`tls_context`, built with redis-py's own ``RedisSSLContext`` so both clients
-  verify alike. One function builds it: the place for CA file / client certificate
-  settings.
+  :func:`tls_context` (asyncio's own TLS transport), built with redis-py's own
+  ``RedisSSLContext`` from the same options redis-py gets (``redisconn.RedisTLS``: CA
+  file, client certificate and key), so both clients verify alike.
 * At most ``max_connections`` connections; a caller that finds none free waits up to
   ``connect_timeout_s`` for one (redis-py's ``BlockingConnectionPool`` with the store's
   settings does the same), then gets ``ConnectionError``.
@@ -45,6 +45,8 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import RedisSSLContext, SSLConnection, parse_url
 
+from gateway.redisconn import NO_TLS, RedisTLS
+
 Reply = Any  # hiredis's parsed reply: bytes, int, None, a list of them, or a ReplyError
 
 
@@ -57,8 +59,8 @@ def tls_context(options: dict[str, Any]) -> ssl.SSLContext:
     """The TLS context for a ``rediss://`` URL, from its ``ssl_*`` query arguments.
 
     redis-py's ``RedisSSLContext`` with redis-py's defaults (certificate required, host
-    name checked), so the fast path and redis-py's client accept the same servers.
-    Settings for a CA file or a client certificate belong here.
+    name checked), so the fast path and redis-py's client accept the same servers. The
+    CA file and client certificate arrive as ``ssl_*`` options from ``redisconn.RedisTLS``.
     """
     cert_reqs = options.get("ssl_cert_reqs", "required")
     return RedisSSLContext(
@@ -170,8 +172,9 @@ class RespPool:
         connect_timeout_s: float,
         socket_timeout_s: float,
         max_connections: int,
+        tls: RedisTLS = NO_TLS,
     ) -> None:
-        options: dict[str, Any] = dict(parse_url(url))
+        options: dict[str, Any] = {**parse_url(url), **tls.redis_kwargs(url)}
         self._path: str | None = options.get("path")
         self._host = str(options.get("host", "localhost"))
         self._port = int(options.get("port", 6379))
