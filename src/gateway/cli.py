@@ -83,6 +83,7 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
             items=args.items,
             impressions=args.impressions,
             epochs=args.epochs,
+            version=args.version,
         )
     )
     return 0
@@ -155,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impressions", type=_positive, default=250_000)
     p.add_argument("--epochs", type=_positive, default=4)
     p.add_argument("--schema", default=None, help="feature schema file (default: built-in CTR)")
+    p.add_argument(
+        "--version",
+        type=_positive,
+        default=None,
+        help="add ctr/<N>/ (model files and its report) to the repository for a rollout; "
+        "default: rebuild version 1, ctr_fp32 and build_report.json",
+    )
     p.set_defaults(func=_cmd_model_build)
 
     p = sub.add_parser("triton-local", help="run the real Triton server on CPU, in the foreground")

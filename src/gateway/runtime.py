@@ -87,8 +87,7 @@ def build_backend(settings: Settings, schema: FeatureSchema = SCHEMA) -> Inferen
         return TritonBackend(
             url.removeprefix("grpc://"), settings.model_name, settings.model_version, schema
         )
-    from gateway.inference.embedded import EmbeddedBackend
-    from gateway.modelbuild import CPU_MODEL_FILE
+    from gateway.inference.embedded import EmbeddedBackend, version_model_file
     from gateway.paths import default_model_repository
     from gateway.triton_local.server import load_repository
 
@@ -97,9 +96,7 @@ def build_backend(settings: Settings, schema: FeatureSchema = SCHEMA) -> Inferen
     if cfg is None:
         raise GatewayError(f"model {settings.model_name!r} not found in {repo}")
     version_dir = repo / settings.model_name / (settings.model_version or "1")
-    path = version_dir / CPU_MODEL_FILE
-    if not path.is_file():
-        path = version_dir / "model.onnx"
+    path = version_model_file(version_dir)
     # Same semantics as the model's Triton dynamic batcher.
     delay_us = cfg.dynamic_batching.max_queue_delay_microseconds
     return EmbeddedBackend(
