@@ -7,6 +7,7 @@
     gateway triton-local [--model-repository DIR] [--http-port P] [--grpc-port P] [--metrics-port P]
     gateway features load --redis-url URL [--users N] [--items N] [--seed N] [--schema FILE]
     gateway features import --users U.parquet --items I.parquet --redis-url URL [--schema FILE]
+    gateway rollout start|status|promote|abort --redis-url URL ...   (gateway/rollout/cli.py)
 
 Every expected failure (a bad flag value, a missing file, an unreachable server, a
 taken port) prints one ``error: ...`` line and exits 2, without a traceback.
@@ -203,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cluster", action="store_true", help="the URL names a Redis Cluster node")
     p.set_defaults(func=_cmd_features_import)
+
+    from gateway.rollout.cli import add_parser as add_rollout
+
+    add_rollout(sub)
     return parser
 
 

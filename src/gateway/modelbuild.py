@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""The FastAPI routes: liveness, readiness, metrics. /predict is api/predict.py."""
+"""The FastAPI routes: liveness, readiness, metrics, the rollout. /predict is api/predict.py."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from gateway.api.schemas import RolloutView
 from gateway.metrics import render
 from gateway.runtime import Gateway
 
@@ -38,3 +39,15 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     data, ctype = render(_gw(request).metrics)
     return Response(data, media_type=ctype)
+
+
+@router.get(
+    "/rollout",
+    summary="The model rollout this worker follows (read-only; `gateway rollout` changes it)",
+    response_model=RolloutView,
+)
+async def rollout(request: Request) -> Response:
+    gw = _gw(request)
+    r = gw.rollout
+    body = r.view() if r is not None else {}
+    return Response(orjson.dumps(body), media_type="application/json")

@@ -106,7 +106,12 @@ class _Version:
     """One model version: its onnxruntime session behind its own micro-batcher."""
 
     def __init__(
-        self, path: Path, max_batch_rows: int, max_delay_s: float, threads: int, schema: FeatureSchema
+        self,
+        path: Path,
+        max_batch_rows: int,
+        max_delay_s: float,
+        threads: int,
+        schema: FeatureSchema,
     ) -> None:
         import onnxruntime as ort
 
