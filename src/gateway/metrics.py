@@ -201,6 +201,15 @@ class Metrics:
             buckets=(-0.5, 0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0),
             registry=r,
         )
+        # Every decision series exists from the start at 0, so increase() sees the first
+        # rollback (GatewayRolloutRolledBack).
+        for action, reason in (
+            ("advance", "step_passed"),
+            ("promote", "last_step_passed"),
+            ("rollback", "failure_rate"),
+            ("rollback", "latency"),
+        ):
+            self.rollout_decisions.labels(action, reason)
         for stage in ("features", "inference", "postprocess"):
             self.stage_duration.labels(stage)
         for outcome in OUTCOMES:

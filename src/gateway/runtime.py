@@ -291,7 +291,7 @@ class Gateway:
             store,
             s.model_name,
             backend,
-            build_candidate_call(
+            lambda: build_candidate_call(
                 s, self.metrics, backend.name, self._on_breaker, self._lag_monitor.max_lag_since
             ),
             self.metrics,

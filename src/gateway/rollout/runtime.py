@@ -46,7 +46,7 @@ class RolloutRuntime:
         store: RolloutStore,
         model: str,
         backend: InferenceBackend,
-        candidate_call: GuardedCall,
+        candidate_call: Callable[[], GuardedCall],
         metrics: Metrics,
         policy: CanaryPolicy,
         candidate_inference_s: float,
@@ -59,7 +59,11 @@ class RolloutRuntime:
         self.store = store
         self.model = model
         self.backend = backend
-        self.candidate_call = candidate_call
+        # A fresh GuardedCall (breaker) for each candidate: a new version does not
+        # inherit the last one's open breaker, and a rolled-back candidate's open
+        # breaker does not stay in gateway_circuit_state.
+        self._make_candidate_call = candidate_call
+        self.candidate_call = candidate_call()
         self.metrics = metrics
         self.policy = policy
         self.poll_s = poll_s
@@ -212,6 +216,8 @@ class RolloutRuntime:
         if primary and primary != self.primary_version and await self._ensure(primary):
             self.primary_version = primary
         cand = state.candidate if state.running else ""
+        if cand != (self.candidate_version or ""):
+            self.candidate_call = self._make_candidate_call()
         if cand:
             # A candidate that cannot be loaded still gets its traffic: every call fails,
             # is counted, and the canary rolls it back.
