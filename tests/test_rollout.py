@@ -378,6 +378,12 @@ def test_shadow_scores_off_the_request_path_and_compares(stack: Stack) -> None:
         assert metric(stack, "gateway_shadow_score_diff_count") >= compared
         assert metric(stack, "gateway_shadow_rank_correlation_count") >= compared
         assert metric(stack, "gateway_variant_inference_seconds_count", variant="candidate") > 0
+        # Shadow, then canary: the same candidate moves on without an abort in between.
+        canary = cli(stack, "start", "--candidate-version", "2", "--mode", "canary",
+                     "--steps", "5,100", "--step-seconds", "600")  # fmt: skip
+        assert canary.returncode == 0, canary.stderr
+        doc = wait_for(stack, lambda d: d["mode"] == "canary" and not d["serving"]["shadow"], 2)
+        assert doc["primary"]["version"] == "1" and doc["weight"] == 5
     finally:
         aborted = cli(stack, "abort")
     assert aborted.returncode == 0, aborted.stderr

@@ -8,7 +8,8 @@
     gateway rollout promote --redis-url URL
     gateway rollout abort --redis-url URL
 
-Every change is a compare-and-set on the state's revision (store.py): two operators, or
+``start --mode canary`` while a shadow of the same candidate runs turns the shadow into
+its canary. Every change is a compare-and-set on the state's revision (store.py): two operators, or
 an operator and the gateways' decision-maker, cannot overwrite each other. Gateways
 follow within a second. Expected failures print one ``error: ...`` line, exit 2.
 """
@@ -129,14 +130,21 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
     async def go(store: RedisRolloutStore) -> int:
         state = await store.read()
-        if state.running:
+        # Shadow, then canary: a running shadow of this candidate turns into its canary.
+        follows_shadow = (
+            state.running
+            and state.mode is Mode.SHADOW
+            and args.mode == "canary"
+            and state.candidate == str(cand)
+        )
+        if state.running and not follows_shadow:
             raise ConfigError(
                 f"a rollout is already running ({state.mode} of version {state.candidate}, "
                 f"{state.weight:g} %); promote or abort it first"
             )
         if args.primary_version is not None:
             primary = args.primary_version
-        elif state.primary:
+        elif state.primary.isdigit():
             primary = int(state.primary)
         else:
             below = [v for v in versions if v < cand]
