@@ -16,7 +16,6 @@ redis-py's errors become :class:`RolloutStoreError` here only.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -184,9 +183,7 @@ def _safe(url: str) -> str:
 class MemoryRolloutStore:
     """One process's rollout (embedded mode, no Redis): set from settings at start."""
 
-    def __init__(
-        self, initial: RolloutState | None = None, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, initial: RolloutState | None = None) -> None:
         self._state = initial or RolloutState()
         self._counts: dict[str, dict[str, int]] = {}
 
