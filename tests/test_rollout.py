@@ -401,3 +401,30 @@ def test_shadow_scores_off_the_request_path_and_compares(stack: Stack) -> None:
         aborted = cli(stack, "abort")
     assert aborted.returncode == 0, aborted.stderr
     wait_for(stack, lambda d: d["state"] == "rolled_back" and not d["serving"]["shadow"], 2)
+
+
+def test_both_triton_transports_take_a_version_per_call(stack: Stack) -> None:
+    import numpy as np
+
+    from gateway.inference.triton import TritonBackend
+    from gateway.inference.triton_http import TritonHTTPBackend
+
+    x = np.random.default_rng(1).standard_normal((5, 24)).astype(np.float32)
+
+    async def go() -> None:
+        http = TritonHTTPBackend(f"http://{stack.triton.http_url}", "ctr", "1")
+        grpc = TritonBackend(stack.triton.grpc_url, "ctr", "1")
+        for b in (http, grpc):
+            await b.start()
+            try:
+                v1, v2, v3 = [await b.infer(x, 2.0, v) for v in ("1", "2", "3")]
+                assert np.array_equal(await b.infer(x, 2.0), v1)  # the backend's own version
+                assert not np.allclose(v1, v2)  # another model answered
+                assert np.isnan(v3).all()  # the broken version
+                await b.load_version("4")
+                with pytest.raises(Exception, match="9"):
+                    await b.load_version("9")
+            finally:
+                await b.close()
+
+    asyncio.run(go())
