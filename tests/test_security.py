@@ -8,9 +8,8 @@ made here with openssl), the real ``gateway features load``/``import`` commands,
 ``gateway serve`` processes started together: the ACL gateway user, a user missing MGET,
 a wrong password, TLS, and TLS with the wrong CA.
 
-The rollout CLI (``gateway rollout``) is not on this branch: its ACL user is tested with
-raw redis-py commands on ``gw:rollout:*`` through :func:`gateway.redisconn.sync_client`,
-the helper that CLI is to connect with.
+The rollout user is tested with raw redis-py commands on ``gw:rollout:*`` and with the
+real ``gateway rollout`` CLI (start, status, abort), over ACL and over TLS.
 """
 
 from __future__ import annotations
@@ -304,6 +303,40 @@ def test_acl_users_do_their_jobs_and_nothing_else(stack: Stack) -> None:
     anonymous = redis.Redis(port=stack.acl.port)
     assert anonymous.ping()
     _denied(anonymous, "GET", "feat:current")
+
+
+def test_rollout_cli_works_as_its_acl_user_and_over_tls(stack: Stack) -> None:
+    """``gateway rollout`` start/status/abort as the ``rollout`` ACL user (URL from
+    GATEWAY_REDIS_URL, no denial logged) and status over TLS with the CA and client
+    certificate from the environment. A model of its own, so no gateway here follows it."""
+    repo = stack.tmp / "rollout-repo"
+    for v in ("1", "2"):
+        (repo / "ctrx" / v).mkdir(parents=True, exist_ok=True)
+    env = {"GATEWAY_REDIS_URL": acl_url(stack.acl, "rollout")}
+    model = ("--model", "ctrx")
+    out = cli(
+        "rollout", "start", "--candidate-version", "2", "--primary-version", "1",
+        "--mode", "shadow", "--model-repository", str(repo), *model, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    out = cli("rollout", "status", "--json", *model, env=env)
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["mode"] == "shadow" and status["candidate"]["version"] == "2", status
+    out = cli("rollout", "abort", *model, env=env)
+    assert out.returncode == 0, out.stderr
+    after = json.loads(cli("rollout", "status", "--json", *model, env=env).stdout)
+    assert after["state"] == "rolled_back" and after["last_decision"]["action"] == "abort", after
+    denials = [e for e in admin(stack.acl).acl_log() if e["username"] == "rollout"]
+    assert not [e for e in denials if e["reason"] != "auth"], denials
+    assert PASSWORDS["rollout"] not in out.stdout + out.stderr
+
+    tls_env = {"GATEWAY_REDIS_URL": stack.tls_url, **stack.tls_env()}
+    out = cli("rollout", "status", "--json", *model, env=tls_env)
+    assert out.returncode == 0, out.stderr
+    bad = cli("rollout", "status", *model, env={"GATEWAY_REDIS_URL": stack.tls_url})
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), bad.stderr
 
 
 def test_gateway_missing_a_permission_says_so_and_answers_from_fallback(stack: Stack) -> None:

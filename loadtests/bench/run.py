@@ -28,7 +28,7 @@ from tests.procs import ROOT, RedisServer, TritonServer
 from gateway.features.loader import load
 from loadtests.bench import loadgen, promstats
 from loadtests.bench.arrivals import Arrivals
-from loadtests.bench.scenarios import SCENARIOS, Scenario, Shared, Target
+from loadtests.bench.scenarios import SCENARIOS, SHADOW_COUNTS, Scenario, Shared, Target
 from loadtests.bench.stack import export_src, self_cpu_s, tree_cpu_s
 from loadtests.bench.workload import Workload
 
@@ -352,11 +352,17 @@ def run(cfg: Config) -> dict[str, Any]:
                 return cache[sc.items]
 
             results: list[dict[str, Any]] = []
-            # The before/after pair runs interleaved; every other scenario on its own.
-            paired = {"gateway", "gateway-before"}
+            # The before/after pair, and shadow on/off, run interleaved with "gateway";
+            # every other scenario on its own.
+            names = {s.name for s in selected}
             groups: list[list[Scenario]] = []
+            for paired in ({"gateway", "gateway-before"}, {"gateway", "gateway-shadow"}):
+                if names >= paired:
+                    break
+            else:
+                paired = set()
             for sc in selected:
-                if sc.name in paired and {s.name for s in selected} >= paired:
+                if sc.name in paired:
                     if sc.name == "gateway":
                         groups.append([s for s in selected if s.name in paired])
                     continue
@@ -391,5 +397,6 @@ def run(cfg: Config) -> dict[str, Any]:
             "baseline_paths": cfg.baseline_paths,
         },
         "scenarios": results,
+        **({"shadow_counts": dict(SHADOW_COUNTS)} if SHADOW_COUNTS else {}),
         "wall_seconds": time.perf_counter() - t_start,
     }

@@ -8,6 +8,7 @@ process (``--arrivals``) unless the scenario pins its own.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,55 @@ def gateway_triton_down(shared: Shared, bodies: list[bytes]) -> Target:
     )  # fmt: skip
 
 
+# Shadow counters of each shadow scenario's gateway, scraped just before it stops (the
+# run's results carry them: a shadow cost measured with every shadow call dropped would
+# mean nothing).
+SHADOW_COUNTS: dict[str, dict[str, float]] = {}
+
+
+def gateway_shadow(shared: Shared, bodies: list[bytes]) -> Target:
+    """The gateway scenario with a shadow rollout running: every answered request also
+    goes to the candidate off the request path. Its own Redis database (features loaded
+    there too), so the rollout state it follows is not the plain gateway's. The candidate
+    is version 1 again (the committed repository has one version): a retrained version
+    has the same architecture, so the same cost."""
+    import urllib.request
+
+    import redis
+
+    from gateway.features.loader import load
+    from gateway.rollout.runtime import started
+    from gateway.rollout.state import Mode, RolloutState
+
+    url = shared.redis.url.rsplit("/", 1)[0] + "/1"
+    load(url, progress=False)
+    state = started(RolloutState(), time.time(), "1", "1", Mode.SHADOW, (), 60.0)
+    client = redis.Redis.from_url(url)
+    client.delete("gw:rollout:ctr:state")
+    client.hset("gw:rollout:ctr:state", mapping=state.to_fields())  # type: ignore[arg-type]
+    client.close()
+    env = _prod_env(shared) | {"GATEWAY_REDIS_URL": url, "GATEWAY_MODEL_VERSION": "1"}
+    target = _gateway_target(shared, bodies, env, "gateway-shadow")
+    stop = target.stop
+    metrics_url = target.metrics_url
+
+    def scrape_then_stop() -> None:
+        counts: dict[str, float] = {}
+        try:
+            assert metrics_url is not None
+            with urllib.request.urlopen(metrics_url, timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("gateway_shadow_total{"):
+                        outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+                        counts[outcome] = float(line.rsplit(" ", 1)[1])
+        finally:
+            SHADOW_COUNTS["gateway-shadow"] = counts
+            stop()
+
+    target.stop = scrape_then_stop
+    return target
+
+
 def naive(shared: Shared, bodies: list[bytes]) -> Target:
     nv = NaiveServer(
         shared.redis.url, shared.triton.http_url, log_path=shared.log_dir / "naive.log"
@@ -265,6 +315,11 @@ SCENARIOS = [
         gateway_int8,
         "bursts of 20 as locust's 20 users spawned together; 10-200 items per request",
         {"core"}, arrivals=Arrivals("burst", burst_size=20), items=(10, 200),
+    ),
+    Scenario(
+        "gateway-shadow", "gateway INT8, shadow rollout on", gateway_shadow,
+        "every answered request also scored by a candidate off the request path; run with "
+        "gateway, interleaved", {"rollout"},
     ),
     Scenario(
         "gateway-before", "gateway before this change (INT8)", gateway_before,

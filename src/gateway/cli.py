@@ -8,6 +8,7 @@
     gateway triton-local [--model-repository DIR] [--http-port P] [--grpc-port P] [--metrics-port P]
     gateway features load [--redis-url URL] [--users N] [--items N] [--seed N] [--schema FILE]
     gateway features import --users U.parquet --items I.parquet [--redis-url URL] [--schema FILE]
+    gateway rollout start|status|promote|abort [--redis-url URL] ...   (gateway/rollout/cli.py)
 
 Redis commands take the URL from ``--redis-url`` or, better (a password in a command
 line is visible to every user of the machine), from ``GATEWAY_REDIS_URL``, and TLS files
@@ -120,6 +121,7 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
             items=args.items,
             impressions=args.impressions,
             epochs=args.epochs,
+            version=args.version,
         )
     )
     return 0
@@ -206,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impressions", type=_positive, default=250_000)
     p.add_argument("--epochs", type=_positive, default=4)
     p.add_argument("--schema", default=None, help="feature schema file (default: built-in CTR)")
+    p.add_argument(
+        "--version",
+        type=_positive,
+        default=None,
+        help="add ctr/<N>/ (model files and its report) to the repository for a rollout; "
+        "default: rebuild version 1, ctr_fp32 and build_report.json",
+    )
     p.set_defaults(func=_cmd_model_build)
     p = model.add_parser(
         "profile", help="write the drift profile of a built version (model files untouched)"
@@ -253,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cluster", action="store_true", help="the URL names a Redis Cluster node")
     p.set_defaults(func=_cmd_features_import)
+
+    from gateway.rollout.cli import add_parser as add_rollout
+
+    add_rollout(sub)
     return parser
 
 

@@ -163,6 +163,31 @@ class Settings(BaseSettings):
     feature_max_age_s: float = Field(
         86_400.0, gt=0, description="features written longer ago than this are stale (alert)"
     )
+    # -- model rollouts (gateway/rollout/; README "Shipping a new model") ----------------
+    # Every worker reads the rollout state and flushes its counts this often: the fleet
+    # follows a change within 2 s even if a beat fails.
+    rollout_poll_s: float = Field(0.5, gt=0, le=1.0)
+    rollout_lease_ms: int = Field(3_000, ge=500, description="the decision-maker's lease")
+    rollout_min_requests: int = Field(
+        200, ge=1, description="candidate requests a canary step needs before it is judged"
+    )
+    rollout_max_failure_rate: float = Field(0.01, ge=0, le=1)
+    rollout_failure_margin: float = Field(
+        0.005, ge=0, le=1, description="candidate failure rate allowed over the primary's"
+    )
+    rollout_latency_ratio: float = Field(1.2, ge=1)
+    rollout_latency_slack_ms: float = Field(2.0, ge=0)
+    # The candidate's share of the inference stage (30 ms): what is left lets the primary
+    # answer a request the candidate failed, instead of the rule-based fallback.
+    rollout_candidate_inference_ms: float = Field(20.0, gt=0)
+    rollout_shadow_max_inflight: int = Field(
+        8, ge=1, description="shadow calls in flight per worker; more are dropped"
+    )
+    # Embedded mode (no Redis): a rollout set at start, judged by this process alone.
+    rollout_mode: Literal["none", "shadow", "canary"] = "none"
+    rollout_candidate_version: str = ""
+    rollout_steps: str = "5,20,50,100"
+    rollout_step_seconds: float = Field(60.0, gt=0)
 
     # -- embedded default ----------------------------------------------------------------
     embedded_users: int = Field(10_000, ge=1)
@@ -217,6 +242,18 @@ class Settings(BaseSettings):
             raise ValueError(
                 "GATEWAY_RETRY_BACKOFF_MAX_MS must be >= GATEWAY_RETRY_BACKOFF_BASE_MS"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _rollout(self) -> Settings:
+        if self.rollout_mode != "none":
+            from gateway.rollout.state import parse_steps
+
+            if not self.rollout_candidate_version.isdigit():
+                raise ValueError(
+                    "GATEWAY_ROLLOUT_MODE needs GATEWAY_ROLLOUT_CANDIDATE_VERSION (a number)"
+                )
+            parse_steps(self.rollout_steps)  # raises ValueError with the reason
         return self
 
     @model_validator(mode="after")

@@ -182,6 +182,73 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # -- model rollouts (gateway/rollout/) --------------------------------------------
+        self.variant_requests = Counter(
+            "gateway_variant_requests_total",
+            "Model calls during a rollout, by variant (primary, candidate) and result (ok, "
+            "failed: an error, a timeout, non-finite scores or the candidate's open breaker).",
+            ["variant", "result"],
+            registry=r,
+        )
+        self.variant_inference = Histogram(
+            "gateway_variant_inference_seconds",
+            "Inference latency of answered model calls during a rollout, by variant.",
+            ["variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rollout_weight = Gauge(
+            "gateway_rollout_weight",
+            "Percent of users assigned to the candidate (0 when no canary runs).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_state = Gauge(
+            "gateway_rollout_state",
+            "The rollout's state: 1 for the current one of idle, running, rolled_back, promoted.",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_decisions = Counter(
+            "gateway_rollout_decisions_total",
+            "Rollout decisions taken by this gateway's decision-maker, by action (advance, "
+            "promote, rollback) and reason (step_passed, last_step_passed, failure_rate, "
+            "latency).",
+            ["action", "reason"],
+            registry=r,
+        )
+        self.shadow = Counter(
+            "gateway_shadow_total",
+            "Shadowed predictions by outcome: compared, failed (the candidate's call failed), "
+            "dropped (over the shadow bound or the worker was busy; never sent).",
+            ["outcome"],
+            registry=r,
+        )
+        self.shadow_score_diff = Histogram(
+            "gateway_shadow_score_diff",
+            "Mean absolute difference between the candidate's and the primary's scores of "
+            "one shadowed request.",
+            # Scores are click probabilities in [0, 1]: 0.001 to 0.5, roughly x2 apart.
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+            registry=r,
+        )
+        self.shadow_rank_correlation = Histogram(
+            "gateway_shadow_rank_correlation",
+            "Spearman rank correlation between the candidate's and the primary's scores of "
+            "one shadowed request (2 items or more).",
+            buckets=(-0.5, 0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0),
+            registry=r,
+        )
+        # Every decision series exists from the start at 0, so increase() sees the first
+        # rollback (GatewayRolloutRolledBack).
+        for action, reason in (
+            ("advance", "step_passed"),
+            ("promote", "last_step_passed"),
+            ("rollback", "failure_rate"),
+            ("rollback", "latency"),
+        ):
+            self.rollout_decisions.labels(action, reason)
         for stage in ("features", "inference", "postprocess"):
             self.stage_duration.labels(stage)
         for outcome in OUTCOMES:

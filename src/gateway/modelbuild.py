@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -62,6 +63,10 @@ class BuildConfig:
     calibration_rows: int = 2_000
     latency_repeats: int = 200
     schema: FeatureSchema = SCHEMA
+    # None: rebuild the repository (ctr/1, ctr_fp32/1, build_report.json). A number: add
+    # ctr/<version>/ only (model.onnx, model.cpu.onnx and its build_report.json), for a
+    # rollout (README "Shipping a new model"); an existing version is never overwritten.
+    version: int | None = None
 
 
 def _log(msg: str) -> None:
@@ -372,6 +377,14 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             f"{schema.source} has another (bring a model trained on your data: the gateway "
             "checks its signature against the schema at start)"
         )
+    if cfg.version is not None:
+        if cfg.version < 1:
+            raise ConfigError(f"--version must be 1 or more, got {cfg.version}")
+        vdir = out / MODEL_NAME / str(cfg.version)
+        if not (out / MODEL_NAME / "config.pbtxt").is_file():
+            raise ConfigError(f"{out / MODEL_NAME} is not a model folder (no config.pbtxt)")
+        if vdir.exists():
+            raise ConfigError(f"version {cfg.version} exists already: {vdir}")
     _log(
         f"generating {cfg.users} users, {cfg.items} items, "
         f"{cfg.impressions} impressions (seed {cfg.seed})"
@@ -387,15 +400,26 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     _log(f"trained in {train_s:.1f} s")
 
-    fp32_path = out / FP32_MODEL_NAME / "1" / "model.onnx"
-    qdq_path = out / MODEL_NAME / "1" / "model.onnx"
-    cpu_path = out / MODEL_NAME / "1" / CPU_MODEL_FILE
+    version = str(cfg.version or 1)
+    # A new version is written to a staging folder beside it (a name Triton skips: not a
+    # number) and renamed in whole: nothing ever sees a version folder without its files.
+    staging: Path | None = None
+    if cfg.version is not None:
+        staging = Path(tempfile.mkdtemp(prefix=".building-", dir=out / MODEL_NAME))
+        vdir, fp32_path = staging / version, staging / "fp32" / "model.onnx"
+    else:
+        vdir, fp32_path = out / MODEL_NAME / version, out / FP32_MODEL_NAME / "1" / "model.onnx"
+    qdq_path = vdir / "model.onnx"
+    cpu_path = vdir / CPU_MODEL_FILE
     to_onnx(mlp, fp32_path, schema)
+    qdq_path.parent.mkdir(parents=True, exist_ok=True)
     rows = np.random.default_rng(cfg.seed + 4).permutation(len(x_train))[: cfg.calibration_rows]
     calib = x_train[rows]
     y = held.click
     report: dict[str, Any] = {
         "schema_version": schema.store_version,
+        "model": MODEL_NAME,
+        "version": version,
         "seed": cfg.seed,
         "data": {
             "users": cfg.users,
@@ -438,14 +462,19 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     for name in ("int8_qdq", "int8_qoperator"):
         ratio = models[name]["latency_ms"]["512"] / fp32_512
         report[f"{name}_vs_fp32_latency_at_512"] = round(ratio, 3)
+    v = version
     report["deployments"] = {
-        "triton_gpu": f"{MODEL_NAME}/1/model.onnx: INT8 QDQ, symmetric; TensorRT builds INT8 "
+        "triton_gpu": f"{MODEL_NAME}/{v}/model.onnx: INT8 QDQ, symmetric; TensorRT builds INT8 "
         "kernels from the Q/DQ pairs",
-        "triton_local_cpu": f"{MODEL_NAME}/1/model.onnx: the same file, run by onnxruntime "
+        "triton_local_cpu": f"{MODEL_NAME}/{v}/model.onnx: the same file, run by onnxruntime "
         "inside Triton's Python backend",
-        "triton_fp32": f"{FP32_MODEL_NAME}/1/model.onnx: FP32, for the INT8-vs-FP32 benchmark",
-        "embedded": f"{MODEL_NAME}/1/{CPU_MODEL_FILE}: {cpu_pick}, the faster on CPU at batch 512",
+        "embedded": f"{MODEL_NAME}/{v}/{CPU_MODEL_FILE}: {cpu_pick}, the faster on CPU at "
+        "batch 512",
     }
+    if cfg.version is None:
+        report["deployments"]["triton_fp32"] = (
+            f"{FP32_MODEL_NAME}/1/model.onnx: FP32, for the INT8-vs-FP32 benchmark"
+        )
     report["notes"] = (
         "On CPU, onnxruntime runs a QDQ graph by fusing the Q/DQ pairs around each MatMul "
         "into integer kernels; for a 24-64-32-1 MLP the quantisation and dequantisation of "
@@ -456,7 +485,13 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     )
     write_profile(out, MODEL_NAME, "1", x_train, schema)
     report["build_seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = json.dumps(report, indent=2) + "\n"
+    if staging is None:
+        (out / "build_report.json").write_text(text)
+    else:
+        (vdir / "build_report.json").write_text(text)
+        vdir.rename(out / MODEL_NAME / version)  # same filesystem: one atomic rename
+        shutil.rmtree(staging, ignore_errors=True)
     print_table(report)
     return report
 

@@ -7,6 +7,13 @@
             ├─ postprocess (scores → response rows)
             └─ fallback   (rule-based, on whatever features arrived) when a stage fails
 
+During a canary (gateway/rollout/) a user assigned to the candidate is scored by the
+candidate version first, under its own breaker and its own share of the inference stage;
+if it fails, the primary scores the request with the time left, and only if that fails
+too does the rule-based fallback answer. The candidate can never open the primary's
+breaker. In shadow mode the candidate scores a copy of the work off the request path
+(rollout/shadow.py, an observer).
+
 Each dependency call runs inside a :class:`~gateway.policy.guard.GuardedCall`: the
 breaker outside, then ``asyncio.timeout(min(stage budget, remaining total))``, then the
 retry loop, so retries sit inside the stage's deadline and in exactly one layer. A
@@ -43,6 +50,8 @@ from gateway.policy.breaker import Breaker, BreakerConfig
 from gateway.policy.budget import Budget
 from gateway.policy.guard import Attribution, GuardedCall
 from gateway.policy.retry import RetryBudget, RetryPolicy
+from gateway.rollout.runtime import RolloutRuntime
+from gateway.rollout.state import Variant
 from gateway.schema import SCHEMA, FeatureSchema
 
 log = logging.getLogger("gateway.pipeline")
@@ -70,6 +79,7 @@ class PredictResult:
     missing_user: bool
     missing_items: int
     timings_ms: dict[str, float]
+    variant: Variant = Variant.PRIMARY  # the arm that answered
 
 
 class Pipeline:
@@ -104,6 +114,8 @@ class Pipeline:
         self.features_blocked: str | None = None
         # Set by the health check while the model's signature differs from the schema.
         self.inference_blocked: str | None = None
+        # The rollout this worker follows (set by the gateway at start), or None.
+        self.rollout: RolloutRuntime | None = None
 
     async def _features(
         self, req: PredictInput, budget: Budget
@@ -124,20 +136,45 @@ class Pipeline:
             log.debug("features failed: %s", exc)
             return None, _FEATURES_UNAVAILABLE, True
 
-    async def _score(self, matrix: np.ndarray, left_s: float) -> np.ndarray:
-        scores = await self.backend.infer(matrix, left_s)
+    async def _score(
+        self, matrix: np.ndarray, left_s: float, version: str | None = None
+    ) -> np.ndarray:
+        scores = await self.backend.infer(matrix, left_s, version)
         if not np.isfinite(scores).all():
             # The model's failure (counted against its breaker), not a transport one.
             raise InferenceError("the model returned non-finite scores")
         return scores
 
+    async def _candidate(
+        self, rollout: RolloutRuntime, matrix: np.ndarray, budget: Budget
+    ) -> np.ndarray | None:
+        """The candidate's scores, or None (counted as its failure) for the primary to try."""
+        version = rollout.candidate_version
+        if version is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            scores = await rollout.candidate_call.run(
+                lambda left: self._score(matrix, left, version),
+                rollout.candidate_budget(budget),
+                Stage.INFERENCE,
+            )
+        except StageSkipped:
+            return None  # no time to ask: not the candidate's failure
+        except (CircuitOpen, InferenceError) as exc:
+            log.debug("candidate %s failed: %s", version, exc)
+            rollout.count(Variant.CANDIDATE, True, None)
+            return None
+        rollout.count(Variant.CANDIDATE, False, time.perf_counter() - t0)
+        return scores
+
     async def _inference(
-        self, matrix: np.ndarray, budget: Budget
+        self, matrix: np.ndarray, budget: Budget, version: str | None = None
     ) -> tuple[np.ndarray | None, Fallback | None, bool]:
         """(scores, fallback, whether the model was called)."""
         try:
             scores = await self.inference_call.run(
-                lambda left: self._score(matrix, left), budget, Stage.INFERENCE
+                lambda left: self._score(matrix, left, version), budget, Stage.INFERENCE
             )
         except StageSkipped:
             return None, Fallback(FallbackReason.TIMEOUT, Stage.INFERENCE), False
@@ -171,11 +208,33 @@ class Pipeline:
 
         scores: np.ndarray | None = None
         inference_called = False
+        rollout = self.rollout
+        variant = Variant.PRIMARY
+        version = self.backend.model_version
+        primary_version: str | None = None
         t_inf = time.perf_counter()
         if fallback is None and self.inference_blocked is not None:
             fallback = _MODEL_MISMATCH
         elif fallback is None:
-            scores, fallback, inference_called = await self._inference(matrix, budget)
+            if rollout is not None:
+                primary_version = rollout.primary_version
+                if rollout.assign(req.user_id) is Variant.CANDIDATE:
+                    scores = await self._candidate(rollout, matrix, budget)
+                    if scores is not None:
+                        variant, inference_called = Variant.CANDIDATE, True
+                        version = rollout.candidate_version or version
+            if scores is None:
+                t_p = time.perf_counter()
+                scores, fallback, called = await self._inference(matrix, budget, primary_version)
+                inference_called = inference_called or called
+                if rollout is not None and called:
+                    rollout.count(
+                        Variant.PRIMARY,
+                        fallback is not None,
+                        None if fallback is not None else time.perf_counter() - t_p,
+                    )
+        if primary_version and variant is Variant.PRIMARY:
+            version = primary_version
         t2 = time.perf_counter()
         if scores is None:
             assert fallback is not None  # no scores only ever comes with a reason
@@ -195,7 +254,7 @@ class Pipeline:
             matrix=matrix,
             scores=scores,
             model_name=backend.model_name,
-            model_version=backend.model_version,
+            model_version=version,
             fallback=fallback,
             missing_user=missing_user,
             missing_items=missing_items,
@@ -209,7 +268,7 @@ class Pipeline:
         return PredictResult(
             request_id=req.request_id,
             model_name=backend.model_name,
-            model_version=backend.model_version,
+            model_version=version,
             rows=rows,
             fallback=fallback,
             missing_user=missing_user,
@@ -220,6 +279,7 @@ class Pipeline:
                 "postprocess": round((t3 - t2) * 1e3, 3),
                 "total": round(budget.elapsed() * 1e3, 3),
             },
+            variant=variant,
         )
 
 
@@ -284,3 +344,46 @@ def build_guarded_calls(
             )
         )
     return calls[0], calls[1]
+
+
+def build_candidate_call(
+    settings: Settings,
+    metrics: Metrics,
+    inference_dep: str,
+    on_state_changed: Callable[[str, Any, Any], None],
+    loop_lag_since: Callable[[float], float],
+) -> GuardedCall:
+    """A rollout candidate's GuardedCall: its own breaker (``{dep}-candidate``), so its
+    failures never open the primary's, and one attempt (a failing candidate hands the
+    request to the primary at once instead of retrying)."""
+    name = f"{inference_dep}-candidate"
+    breaker = Breaker(
+        name,
+        BreakerConfig(
+            failure_rate=settings.breaker_failure_rate,
+            min_calls=settings.breaker_min_calls,
+            window_s=settings.breaker_window_s,
+            open_s=settings.breaker_reset_timeout_s,
+            half_open_probes=settings.breaker_half_open_probes,
+        ),
+        on_state_changed=on_state_changed,
+    )
+    metrics.circuit_state.labels(name).set(0)
+    retry = RetryPolicy(
+        RetryBudget(0.0, 0.0, settings.retry_budget_window_s),
+        max_attempts=1,
+        backoff_base_s=0.0,
+        backoff_max_s=0.0,
+    )
+    return GuardedCall(
+        name,
+        breaker,
+        retry,
+        InferenceTimeout,
+        Attribution(
+            min_attempt_s=settings.budget_min_attempt_ms / 1e3,
+            min_budget_share=settings.breaker_min_budget_share,
+            max_loop_lag_s=settings.breaker_max_loop_lag_ms / 1e3,
+        ),
+        loop_lag_since=loop_lag_since,
+    )

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import Settings
 from gateway.drift import DriftMonitor
@@ -19,12 +19,16 @@ from gateway.errors import ConfigError, GatewayError, InferenceError, Overloaded
 from gateway.features.base import FeatureStore
 from gateway.inference.base import InferenceBackend, signature_mismatch
 from gateway.metrics import OUTCOMES, Metrics
-from gateway.pipeline import Pipeline, build_guarded_calls
+from gateway.pipeline import Pipeline, build_candidate_call, build_guarded_calls
 from gateway.policy.admission import AdaptiveLimit, LagMonitor
 from gateway.policy.breaker import BreakerState
 from gateway.policy.budget import BudgetPolicy
 from gateway.redisconn import RedisTLS
 from gateway.schema import SCHEMA, FeatureSchema, load_schema
+
+if TYPE_CHECKING:
+    from gateway.rollout.runtime import RolloutRuntime
+    from gateway.rollout.shadow import ShadowObserver
 
 log = logging.getLogger("gateway")
 
@@ -92,8 +96,7 @@ def build_backend(settings: Settings, schema: FeatureSchema = SCHEMA) -> Inferen
         return TritonBackend(
             url.removeprefix("grpc://"), settings.model_name, settings.model_version, schema
         )
-    from gateway.inference.embedded import EmbeddedBackend
-    from gateway.modelbuild import CPU_MODEL_FILE
+    from gateway.inference.embedded import EmbeddedBackend, version_model_file
     from gateway.paths import default_model_repository
     from gateway.triton_local.server import load_repository
 
@@ -102,9 +105,7 @@ def build_backend(settings: Settings, schema: FeatureSchema = SCHEMA) -> Inferen
     if cfg is None:
         raise GatewayError(f"model {settings.model_name!r} not found in {repo}")
     version_dir = repo / settings.model_name / (settings.model_version or "1")
-    path = version_dir / CPU_MODEL_FILE
-    if not path.is_file():
-        path = version_dir / "model.onnx"
+    path = version_model_file(version_dir)
     # Same semantics as the model's Triton dynamic batcher.
     delay_us = cfg.dynamic_batching.max_queue_delay_microseconds
     return EmbeddedBackend(
@@ -216,6 +217,8 @@ class Gateway:
         self._store: FeatureStore | None = None
         self._backend: InferenceBackend | None = None
         self._pipeline: Pipeline | None = None
+        self.rollout: RolloutRuntime | None = None
+        self._shadow: ShadowObserver | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._started_at = 0.0
         self._first_check_done = False
@@ -261,6 +264,7 @@ class Gateway:
         )
         self._pipeline.observers.append(self.drift.observe)
         self.drift.start()
+        await self._start_rollout(backend)
         self._lag_monitor.start()
         self._started_at = time.monotonic()
         self._health_task = asyncio.get_running_loop().create_task(
@@ -275,7 +279,76 @@ class Gateway:
             " [embedded default]" if self.settings.embedded else "",
         )
 
+    async def _start_rollout(self, backend: InferenceBackend) -> None:
+        """Follow the model's rollout: from Redis when there is one, else from settings."""
+        from gateway.rollout.analysis import CanaryPolicy
+        from gateway.rollout.runtime import RolloutRuntime, started
+        from gateway.rollout.shadow import ShadowObserver
+        from gateway.rollout.state import Mode, RolloutState, parse_steps
+        from gateway.rollout.store import MemoryRolloutStore, RedisRolloutStore, RolloutStore
+
+        s = self.settings
+        store: RolloutStore
+        if s.redis_url:
+            if s.rollout_mode != "none":
+                log.warning(
+                    "GATEWAY_ROLLOUT_MODE is ignored with Redis: the rollout is the one in "
+                    "Redis (gateway rollout start)"
+                )
+            store = RedisRolloutStore(s.redis_url, s.model_name, tls=RedisTLS.from_settings(s))
+        else:
+            initial = RolloutState()
+            if s.rollout_mode != "none":
+                initial = started(
+                    initial,
+                    time.time(),
+                    s.model_version or backend.model_version,
+                    s.rollout_candidate_version,
+                    Mode(s.rollout_mode),
+                    parse_steps(s.rollout_steps),
+                    s.rollout_step_seconds,
+                )
+            store = MemoryRolloutStore(initial)
+        rollout = RolloutRuntime(
+            store,
+            s.model_name,
+            backend,
+            lambda: build_candidate_call(
+                s, self.metrics, backend.name, self._on_breaker, self._lag_monitor.max_lag_since
+            ),
+            self.metrics,
+            CanaryPolicy(
+                min_requests=s.rollout_min_requests,
+                max_failure_rate=s.rollout_max_failure_rate,
+                failure_margin=s.rollout_failure_margin,
+                latency_ratio=s.rollout_latency_ratio,
+                latency_slack_ms=s.rollout_latency_slack_ms,
+            ),
+            candidate_inference_s=s.rollout_candidate_inference_ms / 1e3,
+            budget_total_s=s.budget_total_ms / 1e3,
+            poll_s=s.rollout_poll_s,
+            lease_ms=s.rollout_lease_ms,
+            default_primary=s.model_version,
+        )
+        self.rollout = rollout
+        self.pipeline.rollout = rollout
+        self._shadow = ShadowObserver(
+            rollout, backend, self.metrics, s.rollout_shadow_max_inflight, self._busy
+        )
+        self.pipeline.observers.append(self._shadow)
+        await rollout.start()
+
+    def _busy(self) -> bool:
+        """Shed shadow work first: over half the in-flight limit, or a lagging loop
+        (2 ms: well under the 5 ms at which admission control starts cutting)."""
+        a = self.admission
+        return a.inflight * 2 > a.limit or a.lag_s > 0.002
+
     async def stop(self) -> None:
+        if self._shadow is not None:
+            await self._shadow.close()
+        if self.rollout is not None:
+            await self.rollout.stop()
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

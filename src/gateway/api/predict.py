@@ -55,6 +55,7 @@ def render(result: PredictResult) -> bytes:
         {
             "request_id": result.request_id,
             "model": {"name": result.model_name, "version": result.model_version},
+            "variant": result.variant,
             "scores": result.rows,
             "fallback": result.fallback.as_dict() if result.fallback else None,
             "missing": {"user": result.missing_user, "items": result.missing_items},

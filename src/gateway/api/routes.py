@@ -1,4 +1,5 @@
-"""The FastAPI routes: liveness, readiness, metrics, drift. /predict is api/predict.py."""
+"""The FastAPI routes: liveness, readiness, metrics, drift, the rollout. /predict is
+api/predict.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from gateway.api.schemas import DriftResponse
+from gateway.api.schemas import DriftResponse, RolloutView
 from gateway.metrics import render
 from gateway.runtime import Gateway
 
@@ -49,3 +50,15 @@ async def metrics(request: Request) -> Response:
 )
 async def drift(request: Request) -> Response:
     return Response(orjson.dumps(_gw(request).drift.report()), media_type="application/json")
+
+
+@router.get(
+    "/rollout",
+    summary="The model rollout this worker follows (read-only; `gateway rollout` changes it)",
+    response_model=RolloutView,
+)
+async def rollout(request: Request) -> Response:
+    gw = _gw(request)
+    r = gw.rollout
+    body = r.view() if r is not None else {}
+    return Response(orjson.dumps(body), media_type="application/json")

@@ -94,10 +94,44 @@ class Timings(BaseModel):
 class PredictResponse(BaseModel):
     request_id: str
     model: ModelInfo
+    variant: Literal["primary", "candidate"] = Field(
+        description="the rollout arm that answered (primary unless a canary's candidate did)"
+    )
     scores: list[ScoredItem]
     fallback: Fallback | None
     missing: Missing
     timings_ms: Timings
+
+
+class Decision(BaseModel):
+    at: float = Field(description="epoch seconds")
+    action: Literal["start", "advance", "promote", "rollback", "abort"]
+    reason: str
+
+
+class Serving(BaseModel):
+    primary: str
+    candidate: str | None
+    shadow: bool
+    decision_maker: bool
+
+
+class RolloutView(BaseModel):
+    """``GET /rollout``: the rollout this worker follows (state in Redis)."""
+
+    model: str
+    mode: Literal["none", "shadow", "canary"]
+    state: Literal["idle", "running", "rolled_back", "promoted"]
+    primary: ModelInfo | None
+    candidate: ModelInfo | None
+    weight: float = Field(description="percent of users on the candidate")
+    steps: list[float]
+    step: int = Field(description="1-based step of the canary; 0 without steps")
+    step_seconds: float
+    step_started_at: float | None
+    last_decision: Decision | None
+    rev: int
+    serving: Serving
 
 
 class ErrorDetail(BaseModel):

@@ -72,11 +72,15 @@ class InferenceBackend(Protocol):
         """Connect and learn the model's version; called once in the app's lifespan."""
         ...
 
-    async def infer(self, matrix: np.ndarray, timeout_s: float) -> np.ndarray:
+    async def infer(
+        self, matrix: np.ndarray, timeout_s: float, version: str | None = None
+    ) -> np.ndarray:
         """Return one score per row; raise an ``InferenceError`` on failure.
 
         ``timeout_s`` is what is left of the stage's budget; backends that can pass it
-        downstream (Triton) do, so the server drops work nobody waits for.
+        downstream (Triton) do, so the server drops work nobody waits for. ``version``
+        names the model version to ask (a rollout's primary or candidate); None = the
+        backend's own (``model_version``).
         """
         ...
 
@@ -94,6 +98,13 @@ class InferenceBackend(Protocol):
         (``FP32``) and a variable dimension to ``-1``: the gRPC backend reads
         ``ModelMetadata`` (the KServe v2 protocol), which the HTTP backend gets as JSON
         from ``GET /v2/models/{name}[/versions/{v}]``, with the same fields.
+        """
+        ...
+
+    async def load_version(self, version: str) -> None:
+        """Make ``version`` servable by :meth:`infer`; raise an ``InferenceError`` if it
+        cannot be (no such version). Called off the request path when a rollout names a
+        version; a model server that serves every version (Triton) has nothing to do.
         """
         ...
 

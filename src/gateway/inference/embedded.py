@@ -93,8 +93,50 @@ def _split(
         start += n
 
 
+def version_model_file(version_dir: Path) -> Path:
+    """The file the embedded backend runs from a version folder: the CPU pick, else the
+    Triton file (``gateway model build`` writes both)."""
+    from gateway.modelbuild import CPU_MODEL_FILE
+
+    path = version_dir / CPU_MODEL_FILE
+    return path if path.is_file() else version_dir / "model.onnx"
+
+
+class _Version:
+    """One model version: its onnxruntime session behind its own micro-batcher."""
+
+    def __init__(
+        self,
+        path: Path,
+        max_batch_rows: int,
+        max_delay_s: float,
+        threads: int,
+        schema: FeatureSchema,
+    ) -> None:
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise InferenceError(f"model file {path} not found")
+        opts = ort.SessionOptions()
+        # One thread: the gateway's event loop needs the other core.
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.path = path
+        self._input_name, self._output_name = schema.input_name, schema.output_name
+        self.batcher = MicroBatcher(self._run, max_batch_rows, max_delay_s)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        out = self.session.run([self._output_name], {self._input_name: x})[0]
+        return np.asarray(out[:, 0], dtype=np.float32)
+
+
 class EmbeddedBackend:
-    """onnxruntime on this process's CPU, batched like Triton's dynamic batcher."""
+    """onnxruntime on this process's CPU, batched like Triton's dynamic batcher.
+
+    Serves the version of ``model_path``'s folder, and any sibling version folder
+    :meth:`load_version` was asked for (a rollout's candidate), each with its own session.
+    """
 
     name = "onnxruntime-embedded"
 
@@ -107,38 +149,45 @@ class EmbeddedBackend:
         threads: int = 1,
         schema: FeatureSchema = SCHEMA,
     ) -> None:
-        import onnxruntime as ort
-
-        if not model_path.is_file():
-            raise InferenceError(f"model file {model_path} not found")
-        opts = ort.SessionOptions()
-        # One thread: the gateway's event loop needs the other core.
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(
-            str(model_path), opts, providers=["CPUExecutionProvider"]
-        )
+        self._args = (max_batch_rows, max_delay_s, threads, schema)
+        primary = _Version(model_path, *self._args)
         self.model_name = model_name
-        self.model_version = "1"
+        # The version folder's name (model_repository/<model>/<version>/...).
+        version = model_path.parent.name
+        self.model_version = version if version.isdigit() else "1"
         self.model_path = model_path
-        self._input_name, self._output_name = schema.input_name, schema.output_name
-        self._batcher = MicroBatcher(self._run, max_batch_rows, max_delay_s)
+        self._versions: dict[str, _Version] = {self.model_version: primary}
+        self._primary = primary
 
     @property
     def batcher(self) -> MicroBatcher:
-        return self._batcher
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        out = self._session.run([self._output_name], {self._input_name: x})[0]
-        return np.asarray(out[:, 0], dtype=np.float32)
+        return self._primary.batcher
 
     async def start(self) -> None:
         return None
 
-    async def infer(self, matrix: np.ndarray, timeout_s: float) -> np.ndarray:
+    async def load_version(self, version: str) -> None:
+        """Load a sibling version folder's model (off the request path: in a thread)."""
+        if version in self._versions:
+            return
+        path = version_model_file(self.model_path.parent.parent / version)
+        try:
+            loaded = await asyncio.to_thread(_Version, path, *self._args)
+        except InferenceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's load errors have no common base
+            raise InferenceError(f"model {path} could not be loaded: {exc}") from exc
+        self._versions.setdefault(version, loaded)
+
+    async def infer(
+        self, matrix: np.ndarray, timeout_s: float, version: str | None = None
+    ) -> np.ndarray:
         # The pipeline's stage timeout bounds the wait; a caller that gives up is
         # dropped from its batch if the batch has not started.
-        return await self._batcher.submit(matrix)
+        v = self._primary if version is None else self._versions.get(version)
+        if v is None:
+            raise InferenceError(f"model {self.model_name} version {version} is not loaded")
+        return await v.batcher.submit(matrix)
 
     async def ready(self) -> None:
         return None
@@ -150,10 +199,11 @@ class EmbeddedBackend:
             shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
             return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)
 
-        s = self._session
+        s = self._primary.session
         return ModelSignature(
             tuple(spec(a) for a in s.get_inputs()), tuple(spec(a) for a in s.get_outputs())
         )
 
     async def close(self) -> None:
-        self._batcher.close()
+        for v in self._versions.values():
+            v.batcher.close()

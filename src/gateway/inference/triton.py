@@ -135,14 +135,16 @@ class TritonBackend:
             raise InferenceUnavailable("triton client not started")
         return self._client
 
-    async def infer(self, matrix: np.ndarray, timeout_s: float) -> np.ndarray:
+    async def infer(
+        self, matrix: np.ndarray, timeout_s: float, version: str | None = None
+    ) -> np.ndarray:
         inp = grpcclient.InferInput(self._input_name, list(matrix.shape), "FP32")
         inp.set_data_from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
         try:
             result = await self._c().infer(
                 self.model_name,
                 [inp],
-                model_version=self._requested_version,
+                model_version=version or self._requested_version,
                 outputs=self._outputs,
                 client_timeout=timeout_s,
                 # Triton's per-request timeout is in microseconds; at least 1.
@@ -176,6 +178,15 @@ class TritonBackend:
             await self._learn_version()
         except InferenceServerException as exc:
             raise _map_error(exc) from exc
+
+    async def load_version(self, version: str) -> None:
+        """Triton serves every version its ``version_policy`` names: check it is ready."""
+        try:
+            ok = await self._c().is_model_ready(self.model_name, version, client_timeout=1.0)
+        except InferenceServerException as exc:
+            raise _map_error(exc) from exc
+        if not ok:
+            raise InferenceUnavailable(f"model {self.model_name} version {version} is not ready")
 
     async def signature(self) -> ModelSignature:
         """The model's inputs and outputs from Triton's model metadata (KServe v2)."""

@@ -354,13 +354,9 @@ class TritonHTTPBackend:
         self._meta_path = f"/v2/models/{model_name}".encode()
         # Host header: Triton ignores it; the first target, built once, not per address.
         self._host = url[len("http://") :].split(",")[0].strip().rstrip("/").encode()
-        self._post_head = (
-            b"POST "
-            + self._infer_path
-            + b" HTTP/1.1\r\nHost: "
-            + self._host
-            + b"\r\nInference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
-        )
+        self._post_head = self._make_post_head(self._infer_path)
+        # Per-call versions (a rollout's primary and candidate): one head each, built once.
+        self._version_heads: dict[str, bytes] = {}
         # The JSON header up to the timeout's digits, and after them per row count.
         self._json_prefix = b'{"parameters":{"timeout":'
         self._json_suffix: dict[int, bytes] = {}
@@ -370,6 +366,24 @@ class TritonHTTPBackend:
         self._resolver_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resolve_error: str | None = None
+
+    def _make_post_head(self, infer_path: bytes) -> bytes:
+        return (
+            b"POST "
+            + infer_path
+            + b" HTTP/1.1\r\nHost: "
+            + self._host
+            + b"\r\nInference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
+        )
+
+    def _head_for(self, version: str | None) -> bytes:
+        if not version or version == self._requested_version:
+            return self._post_head
+        head = self._version_heads.get(version)
+        if head is None:
+            path = f"/v2/models/{self.model_name}/versions/{version}/infer".encode()
+            head = self._version_heads[version] = self._make_post_head(path)
+        return head
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -601,14 +615,17 @@ class TritonHTTPBackend:
             self._json_suffix[rows] = suffix
         return self._json_prefix + str(timeout_us).encode() + suffix
 
-    async def infer(self, matrix: np.ndarray, timeout_s: float) -> np.ndarray:
+    async def infer(
+        self, matrix: np.ndarray, timeout_s: float, version: str | None = None
+    ) -> np.ndarray:
         m = np.ascontiguousarray(matrix, dtype=np.float32)
         rows = m.shape[0]
         if m.ndim != 2 or m.shape[1] != self._width:
             raise InferenceError(f"matrix of shape {m.shape}, the model takes (n, {self._width})")
         # Triton's per-request timeout is in microseconds; at least 1.
         header = self._json_header(rows, max(1, int(timeout_s * 1e6)))
-        data = b"".join((self._post_head % (len(header), len(header) + m.nbytes), header, m.data))
+        head = self._head_for(version)
+        data = b"".join((head % (len(header), len(header) + m.nbytes), header, m.data))
         conn, status, head, body = await self._exchange(data, timeout_s, "infer")
         if status != 200:
             self._settle(conn, head)  # an error reply read in full: the connection is fine
@@ -639,6 +656,15 @@ class TritonHTTPBackend:
         ):
             raise _BadReply(f"triton returned no or the wrong number of scores: {out}")
         return np.frombuffer(body, dtype=np.float32, offset=json_len)
+
+    async def load_version(self, version: str) -> None:
+        """Triton serves every version its ``version_policy`` names: check it is ready."""
+        path = f"/v2/models/{self.model_name}/versions/{version}/ready".encode()
+        status, _body = await self._get(path, READY_TIMEOUT_S)
+        if status != 200:
+            raise InferenceUnavailable(
+                f"model {self.model_name} version {version} is not ready (HTTP {status})"
+            )
 
     async def ready(self) -> None:
         status, body = await self._get(self._ready_path, READY_TIMEOUT_S)

@@ -7,8 +7,10 @@ the Python backend. This module:
    schema, and checks each version folder holds ``model.onnx``;
 2. writes a temporary repository in which each ONNX Runtime model becomes a Python-
    backend model (``pybackend_model.py``) that runs the *same* ONNX file with
-   onnxruntime, keeping max_batch_size, dynamic batching, the queue policy and warmup,
-   and moving instance groups to KIND_CPU (the TensorRT accelerator is GPU-only);
+   onnxruntime, keeping max_batch_size, dynamic batching, the queue policy, the
+   version policy and warmup, and moving instance groups to KIND_CPU (the TensorRT
+   accelerator is GPU-only); a version folder holding its own ``model.py`` is served by
+   that instead;
 3. lays out a backend directory with the Python backend and the stub for this
    interpreter, sets LD_LIBRARY_PATH and PYTHONPATH the way the binary needs them;
 4. starts the server, waits for ``/v2/health/ready``, prints where it listens, and
@@ -160,7 +162,11 @@ def write_local_repository(repo: Path, configs: dict[str, object], dest: Path) -
         for v in (p for p in (repo / name).iterdir() if p.is_dir() and p.name.isdigit()):
             vdir = model_dir / v.name
             vdir.mkdir()
-            shutil.copyfile(PY_MODEL_TEMPLATE, vdir / "model.py")
+            # A version folder may bring its own Python-backend model.py (a model that
+            # is more than an ONNX graph; the rollout tests' slow version is one): it is
+            # served as it is. Any other runs its model.onnx through the template.
+            own = v / "model.py"
+            shutil.copyfile(own if own.is_file() else PY_MODEL_TEMPLATE, vdir / "model.py")
             (vdir / "model.onnx").symlink_to((v / "model.onnx").resolve())
 
 
