@@ -127,9 +127,10 @@ def test_every_outcome_is_timed_and_slow_bodies_get_408(
     m = metrics(gw)
     count = {
         o: m.get(f'gateway_request_duration_seconds_count{{outcome="{o}"}}', 0)
-        for o in ("model", "shed", "client_error", "disconnected", "error")
+        for o in ("model", "fallback", "shed", "client_error", "disconnected", "error")
     }
-    assert count["model"] == statuses.count(200)
+    # A 200 is the model's or, when a stage ran out of time on this busy box, the fallback's.
+    assert count["model"] + count["fallback"] == statuses.count(200)
     assert count["shed"] == statuses.count(503)
     assert count["client_error"] == 2  # the 408 and the bad request
     assert count["disconnected"] == 1
