@@ -24,7 +24,10 @@ def test_docs_locust_gate_passes_with_users_spawned_together(
     gw = gateway_factory(
         {
             "GATEWAY_REDIS_URL": redis_server.url,
-            "GATEWAY_TRITON_URL": triton.grpc_url,
+            # Triton's HTTP port through the gateway's own transport, the faster of the two
+            # (README: Speed; ~35 % less gateway CPU per request than gRPC; over gRPC this
+            # gate measured P99 28 ms in one full-suite run).
+            "GATEWAY_TRITON_URL": f"http://{triton.http_url}",
             "GATEWAY_LOG_LEVEL": "WARNING",
         },
         workers=WORKERS,

@@ -189,10 +189,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
             "features", "load", "--users", str(USERS), "--items", str(ITEMS), "--no-progress",
             env=s.tls_env(),
         )  # fmt: skip
-        # A user that may read the pointer but not MGET the vectors.
+        # A user with the gateway's rights but MGET: it may read the pointer and run the
+        # rollout, not MGET the vectors.
         admin(acl).acl_setuser(
             "gateway-nomget", enabled=True, passwords=[f"+{NOPERM_PASSWORD}"],
-            keys=["%R~feat:current"], commands=["+get"],
+            keys=["%R~feat:*", "~gw:rollout:*"],
+            commands=["+get", "+exists", "+@read", "+@write", "+multi", "+exec", "+watch",
+                      "+unwatch", "+discard", "-mget", "-@dangerous"],
         )  # fmt: skip
         envs = {
             "acl": {"GATEWAY_REDIS_URL": acl_url(acl, "gateway"), "GATEWAY_LOG_LEVEL": "DEBUG"},
@@ -309,6 +312,7 @@ def test_rollout_cli_works_as_its_acl_user_and_over_tls(stack: Stack) -> None:
     """``gateway rollout`` start/status/abort as the ``rollout`` ACL user (URL from
     GATEWAY_REDIS_URL, no denial logged) and status over TLS with the CA and client
     certificate from the environment. A model of its own, so no gateway here follows it."""
+    admin(stack.acl).acl_log_reset()  # earlier tests' deliberate denials
     repo = stack.tmp / "rollout-repo"
     for v in ("1", "2"):
         (repo / "ctrx" / v).mkdir(parents=True, exist_ok=True)
@@ -402,7 +406,11 @@ def test_wrong_ca_is_refused_with_one_clear_line(stack: Stack) -> None:
     assert predict(gw)["fallback"]["reason"] == "features_unavailable"
     log = log_of(stack, "badca")
     assert "Traceback" not in log
-    assert len([ln for ln in log.splitlines() if "certificate is not trusted" in ln]) == 1
+    # One line from each part that talks to Redis: the feature store and the rollout.
+    said = [ln for ln in log.splitlines() if "certificate is not trusted" in ln]
+    assert len([ln for ln in said if "dependency features" in ln]) == 1, said
+    assert len([ln for ln in said if "gateway.rollout" in ln]) == 1, said
+    assert len(said) == 2, said
 
 
 # ---- no credential where a person can read it ----------------------------------------------

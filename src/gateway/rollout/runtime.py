@@ -136,12 +136,14 @@ class RolloutRuntime:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        failing = False
         try:
             state = await asyncio.wait_for(self.store.read(), INITIAL_READ_TIMEOUT_S)
             await self._apply(state)
         except (RolloutStoreError, TimeoutError) as exc:
             log.warning("rollout state not read at start (%s); following it when it can be", exc)
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="rollout")
+            failing = True  # said once: the loop speaks again only when it recovers
+        self._task = asyncio.get_running_loop().create_task(self._loop(failing), name="rollout")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -152,8 +154,7 @@ class RolloutRuntime:
             await asyncio.wait_for(self._flush(), INITIAL_READ_TIMEOUT_S)
         await self.store.close()
 
-    async def _loop(self) -> None:
-        failing = False
+    async def _loop(self, failing: bool = False) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
             try:
