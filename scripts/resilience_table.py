@@ -63,10 +63,19 @@ def table(results: dict) -> str:
     head = "| scenario | " + " | ".join(title for _, title in COLUMNS) + " | run at (UTC) |"
     sep = "|---|" + "---:|" * len(COLUMNS) + "---|"
     lines = [head, sep]
+    extra: list[str] = []
+    shown = {key for key, _ in COLUMNS} | {"at"}
     for name in names:
         row = rows[name]
+        more = ", ".join(f"{k} {row[k]}" for k in sorted(row) if k not in shown)
+        if more:  # figures a scenario records beyond the table's columns
+            extra.append(f"- {name}: {more}")
+        if "sent" not in row:
+            continue  # a summary without request counts: only its line below
         cells = [str(row.get(key, "")) for key, _ in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row.get('at', '')} |")
+    if extra:
+        lines += ["", "Other figures of the same run:", "", *extra]
     return "\n".join(lines)
 
 
