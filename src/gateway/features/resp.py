@@ -45,6 +45,7 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import RedisSSLContext, SSLConnection, parse_url
 
+from gateway.oneconn import OneCallConnection
 from gateway.redisconn import NO_TLS, RedisTLS
 
 Reply = Any  # hiredis's parsed reply: bytes, int, None, a list of them, or a ReplyError
@@ -79,10 +80,12 @@ def _truthy(value: object) -> bool:
     return bool(value)
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(OneCallConnection):
     """One RESP2 connection; one command (or one pipelined group) at a time."""
 
-    __slots__ = ("loop", "transport", "closed", "_reader", "_waiter", "_want", "_replies", "_timer")
+    __slots__ = ("loop", "_reader", "_want", "_replies", "_timer")
+    PEER = "redis"
+    TIMEOUT_MESSAGE = "redis did not answer in time"
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()  # made by the loop's create_connection
@@ -120,32 +123,6 @@ class _Conn(asyncio.Protocol):
             return
         replies, self._replies = self._replies, []
         waiter.set_result(replies)
-
-    def eof_received(self) -> bool | None:
-        self.closed = True  # never handed out again, even before connection_lost runs
-        return None  # close the transport; connection_lost fails any call in flight
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc or ConnectionResetError("redis closed the connection"))
-
-    def _fail(self, exc: Exception) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
-        self.abort()
-
-    def _expire(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(TimeoutError("redis did not answer in time"))
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
 
     async def call(self, data: bytes, replies: int, timeout_s: float) -> list[Reply]:
         """Send ``data`` (``replies`` commands), return their replies within ``timeout_s``.

@@ -56,6 +56,7 @@ import orjson
 
 from gateway.errors import InferenceError, InferenceTimeout, InferenceUnavailable
 from gateway.inference.base import ModelSignature, TensorSpec
+from gateway.oneconn import OneCallConnection
 from gateway.schema import SCHEMA, FeatureSchema
 
 log = logging.getLogger("gateway.inference")
@@ -165,7 +166,7 @@ def _transport_error(exc: BaseException, what: str) -> InferenceError:
 # -- one connection ------------------------------------------------------------------------
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(OneCallConnection):
     """One keep-alive HTTP/1.1 connection; one request at a time.
 
     ``data_received`` gathers the reply and completes the call's future when the head
@@ -176,15 +177,14 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = (
         "addr",
-        "transport",
-        "closed",
-        "_waiter",
         "_timer",
         "_buf",
         "_need",
         "_body_at",
         "_head",
     )
+    PEER = "triton"
+    TIMEOUT_MESSAGE = ""
 
     def __init__(self, addr: _Address) -> None:
         self.addr = addr
@@ -236,32 +236,6 @@ class _Conn(asyncio.Protocol):
         head = self._head
         self._buf, self._need, self._head = b"", -1, b""
         waiter.set_result((head, body))
-
-    def eof_received(self) -> bool | None:
-        self.closed = True  # never handed out again, even before connection_lost runs
-        return None  # close the transport; connection_lost fails any call in flight
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc or ConnectionResetError("triton closed the connection"))
-
-    def _fail(self, exc: Exception) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
-        self.abort()
-
-    def _expire(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(TimeoutError())
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
 
     def send(self, data: bytes, deadline: float) -> asyncio.Future[tuple[bytes, bytes]]:
         """Send one request; the future gets (lower-cased head, body) of its reply, or
